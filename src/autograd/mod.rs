@@ -1,0 +1,1 @@
+//! autograd (filled in by its module's work).

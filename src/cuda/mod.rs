@@ -1,0 +1,1 @@
+//! cuda (filled in by its module's work).

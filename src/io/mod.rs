@@ -1,0 +1,1 @@
+//! io (filled in by its module's work).

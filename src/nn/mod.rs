@@ -1,0 +1,1 @@
+//! nn (filled in by its module's work).

@@ -1,0 +1,1 @@
+//! ops (filled in by its module's work).

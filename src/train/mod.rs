@@ -1,0 +1,1 @@
+//! train (filled in by its module's work).
