@@ -1,0 +1,110 @@
+//! SiLU, sigmoid and ReLU: elementwise, forward and backward.
+
+use crate::autograd::{Backward, BackwardCtx, Tape, Var};
+use crate::tensor::{Array, Float};
+use anyhow::Result;
+use rayon::prelude::*;
+
+/// The activations derma's models use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    Silu,
+    Sigmoid,
+    Relu,
+}
+
+pub fn sigmoid_scalar<T: Float>(x: T) -> T {
+    T::one() / (T::one() + (-x).exp())
+}
+
+impl Act {
+    pub fn name(self) -> &'static str {
+        match self {
+            Act::Silu => "silu",
+            Act::Sigmoid => "sigmoid",
+            Act::Relu => "relu",
+        }
+    }
+
+    /// f(x).
+    pub fn apply<T: Float>(self, x: T) -> T {
+        match self {
+            Act::Silu => x * sigmoid_scalar(x),
+            Act::Sigmoid => sigmoid_scalar(x),
+            Act::Relu => {
+                if x > T::zero() {
+                    x
+                } else {
+                    T::zero()
+                }
+            }
+        }
+    }
+
+    /// f'(x).
+    pub fn derivative<T: Float>(self, x: T) -> T {
+        match self {
+            // d/dx x·σ(x) = σ(x)·(1 + x·(1 − σ(x)))
+            Act::Silu => {
+                let s = sigmoid_scalar(x);
+                s * (T::one() + x * (T::one() - s))
+            }
+            Act::Sigmoid => {
+                let s = sigmoid_scalar(x);
+                s * (T::one() - s)
+            }
+            // PyTorch's convention: the derivative at 0 is 0.
+            Act::Relu => {
+                if x > T::zero() {
+                    T::one()
+                } else {
+                    T::zero()
+                }
+            }
+        }
+    }
+}
+
+/// Reference forward: `y = f(x)`.
+pub fn forward<T: Float>(act: Act, x: &[T], y: &mut [T]) {
+    y.par_iter_mut().zip(x.par_iter()).for_each(|(y, &x)| *y = act.apply(x));
+}
+
+/// Reference backward: `dx = dy · f'(x)`.
+pub fn backward<T: Float>(act: Act, x: &[T], dy: &[T], dx: &mut [T]) {
+    dx.par_iter_mut().zip(x.par_iter().zip(dy.par_iter())).for_each(|(dx, (&x, &dy))| *dx = dy * act.derivative(x));
+}
+
+struct ActBackward(Act);
+
+impl<T: Float> Backward<T> for ActBackward {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn backward(&self, ctx: &BackwardCtx<'_, T>, g: &Array<T>) -> Result<Vec<Option<Array<T>>>> {
+        let x = ctx.inputs[0];
+        let mut dx = Array::zeros(&x.shape);
+        backward(self.0, &x.data, &g.data, &mut dx.data);
+        Ok(vec![Some(dx)])
+    }
+}
+
+/// Records `f(x)` on the tape.
+pub fn activate<T: Float>(tape: &mut Tape<T>, act: Act, x: Var) -> Var {
+    let xv = tape.value(x);
+    let mut y = Array::zeros(&xv.shape);
+    forward(act, &xv.data, &mut y.data);
+    tape.push_op(&[x], y, Box::new(ActBackward(act)))
+}
+
+pub fn silu<T: Float>(tape: &mut Tape<T>, x: Var) -> Var {
+    activate(tape, Act::Silu, x)
+}
+
+pub fn sigmoid<T: Float>(tape: &mut Tape<T>, x: Var) -> Var {
+    activate(tape, Act::Sigmoid, x)
+}
+
+pub fn relu<T: Float>(tape: &mut Tape<T>, x: Var) -> Var {
+    activate(tape, Act::Relu, x)
+}
