@@ -6,6 +6,7 @@
 
 pub mod efficientnet;
 pub mod init;
+pub mod summary;
 
 use crate::autograd::{ParamId, ParamStore, Tape, Var};
 use crate::ops::activation::Act;
