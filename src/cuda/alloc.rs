@@ -1,0 +1,340 @@
+//! A caching device allocator: blocks are rounded up to size classes and, when dropped, go back to a free list
+//! of their class instead of to the driver. After the first training step every request finds a cached block, so a
+//! steady-state step makes no cuMemAlloc/cuMemFree (each of which synchronises the device).
+//!
+//! All blocks are meant for one stream: a block dropped while a kernel on that stream still uses it can be handed
+//! out again at once, because the next user's work is queued behind it on the same stream.
+//!
+//! The raw allocator is a trait ([`RawAlloc`]) so the caching logic is tested on the CPU with a fake device.
+
+use anyhow::{Result, bail};
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+
+/// Where blocks come from: the driver on a GPU, a fake in tests.
+pub trait RawAlloc: Send + Sync {
+    /// Allocates `bytes` of device memory; `Err` when the device is out of memory.
+    fn alloc(&self, bytes: usize) -> std::result::Result<u64, String>;
+    /// Frees a pointer returned by `alloc`.
+    fn free(&self, ptr: u64);
+}
+
+/// cuMemAlloc / cuMemFree on one CUDA context.
+pub struct DriverAlloc {
+    ctx: Arc<cudarc::driver::CudaContext>,
+}
+
+impl DriverAlloc {
+    /// Allocates on `ctx`.
+    pub fn new(ctx: Arc<cudarc::driver::CudaContext>) -> Self {
+        Self { ctx }
+    }
+}
+
+impl RawAlloc for DriverAlloc {
+    fn alloc(&self, bytes: usize) -> std::result::Result<u64, String> {
+        self.ctx.bind_to_thread().map_err(|e| format!("{e:?}"))?;
+        // SAFETY: the context is current on this thread; cuMemAlloc returns a fresh pointer or an error.
+        unsafe { cudarc::driver::result::malloc_sync(bytes) }.map_err(|e| format!("{e:?}"))
+    }
+
+    fn free(&self, ptr: u64) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: ptr came from malloc_sync on this context and is freed once (the pool forgets it here).
+            let _ = unsafe { cudarc::driver::result::free_sync(ptr) };
+        }
+    }
+}
+
+/// Allocation statistics, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocStats {
+    /// Bytes (rounded to size classes) held by live blocks.
+    pub in_use: usize,
+    /// Bytes sitting in free lists, ready for reuse.
+    pub cached: usize,
+    /// The highest `in_use` seen.
+    pub peak_in_use: usize,
+    /// Calls that went to the raw allocator.
+    pub raw_allocs: u64,
+    /// Calls served from a free list.
+    pub reuses: u64,
+}
+
+struct Inner {
+    raw: Box<dyn RawAlloc>,
+    free: BTreeMap<usize, Vec<u64>>,
+    stats: AllocStats,
+    context: String,
+}
+
+/// The caching allocator. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct CachingAllocator {
+    inner: Arc<Mutex<Inner>>,
+}
+
+/// A device block; returns to its allocator's free list when dropped.
+pub struct Block {
+    ptr: u64,
+    class: usize,
+    requested: usize,
+    pool: Arc<Mutex<Inner>>,
+}
+
+/// A typed device pointer for kernel arguments (the address of a `T` array in device memory).
+#[repr(transparent)]
+#[derive(Debug)]
+pub struct DevPtr<T>(pub u64, PhantomData<T>);
+
+impl<T> Clone for DevPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for DevPtr<T> {}
+
+impl<T> DevPtr<T> {
+    /// Wraps a raw device address.
+    pub fn new(addr: u64) -> Self {
+        Self(addr, PhantomData)
+    }
+}
+
+// SAFETY: DevPtr is a transparent u64, exactly what a `T*` kernel parameter is on a 64-bit device.
+unsafe impl<T> cudarc::driver::DeviceRepr for DevPtr<T> {}
+
+impl Block {
+    /// The device address.
+    pub fn addr(&self) -> u64 {
+        self.ptr
+    }
+    /// Bytes asked for.
+    pub fn len_bytes(&self) -> usize {
+        self.requested
+    }
+    /// Bytes actually reserved (the size class).
+    pub fn class_bytes(&self) -> usize {
+        self.class
+    }
+    /// The block as a typed pointer (the caller keeps the block alive while kernels use it).
+    pub fn ptr<T>(&self) -> DevPtr<T> {
+        DevPtr::new(self.ptr)
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.pool.lock() {
+            g.stats.in_use -= self.class;
+            g.stats.cached += self.class;
+            g.free.entry(self.class).or_default().push(self.ptr);
+        }
+    }
+}
+
+/// Rounds a request up to its size class: 512 B minimum, then four classes per power of two (at most 25% waste).
+pub fn size_class(bytes: usize) -> usize {
+    let b = bytes.max(512);
+    let p = usize::BITS - 1 - b.leading_zeros(); // 2^p <= b < 2^(p+1)
+    let step = 1usize << (p - 2);
+    b.div_ceil(step) * step
+}
+
+fn human(b: usize) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < U.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 { format!("{b} B") } else { format!("{v:.2} {}", U[i]) }
+}
+
+impl CachingAllocator {
+    /// A caching allocator over `raw`.
+    pub fn new(raw: Box<dyn RawAlloc>) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                raw,
+                free: BTreeMap::new(),
+                stats: AllocStats::default(),
+                context: String::new(),
+            })),
+        }
+    }
+
+    /// Sets what an out-of-memory error reports as the cause, e.g. "batch size 64".
+    pub fn set_context(&self, context: impl Into<String>) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.context = context.into();
+        }
+    }
+
+    /// A block of at least `bytes`, from the cache when one of its class is free.
+    pub fn alloc(&self, bytes: usize) -> Result<Block> {
+        let class = size_class(bytes);
+        let Ok(mut g) = self.inner.lock() else { bail!("the device allocator's lock is poisoned (a thread panicked)") };
+        let ptr = if let Some(p) = g.free.get_mut(&class).and_then(|v| v.pop()) {
+            g.stats.cached -= class;
+            g.stats.reuses += 1;
+            p
+        } else {
+            let first = g.raw.alloc(class);
+            let p = match first {
+                Ok(p) => p,
+                Err(_) => {
+                    // Give the cache back to the driver and try once more before failing.
+                    Self::release_locked(&mut g);
+                    match g.raw.alloc(class) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            let ctx = if g.context.is_empty() { String::new() } else { format!(" at {}", g.context) };
+                            bail!(
+                                "CUDA out of memory{ctx}: asked for {} while {} is in use (peak {}); lower the batch \
+                                 size or use fp16 ({e})",
+                                human(bytes),
+                                human(g.stats.in_use),
+                                human(g.stats.peak_in_use)
+                            );
+                        }
+                    }
+                }
+            };
+            g.stats.raw_allocs += 1;
+            p
+        };
+        g.stats.in_use += class;
+        g.stats.peak_in_use = g.stats.peak_in_use.max(g.stats.in_use);
+        Ok(Block { ptr, class, requested: bytes, pool: self.inner.clone() })
+    }
+
+    fn release_locked(g: &mut Inner) {
+        let free = std::mem::take(&mut g.free);
+        for (_, ptrs) in free {
+            for p in ptrs {
+                g.raw.free(p);
+            }
+        }
+        g.stats.cached = 0;
+    }
+
+    /// Frees every cached block back to the driver (live blocks are untouched).
+    pub fn release_cached(&self) {
+        if let Ok(mut g) = self.inner.lock() {
+            Self::release_locked(&mut g);
+        }
+    }
+
+    /// Current statistics.
+    pub fn stats(&self) -> AllocStats {
+        self.inner.lock().map(|g| g.stats).unwrap_or_default()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        CachingAllocator::release_locked(self);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    /// A fake device with a capacity; counts calls.
+    struct Fake {
+        next: AtomicU64,
+        used: AtomicUsize,
+        cap: usize,
+        sizes: Mutex<std::collections::HashMap<u64, usize>>,
+        allocs: Arc<AtomicUsize>,
+        frees: Arc<AtomicUsize>,
+    }
+
+    impl RawAlloc for Fake {
+        fn alloc(&self, bytes: usize) -> std::result::Result<u64, String> {
+            if self.used.load(Ordering::SeqCst) + bytes > self.cap {
+                return Err("CUDA_ERROR_OUT_OF_MEMORY".into());
+            }
+            self.used.fetch_add(bytes, Ordering::SeqCst);
+            self.allocs.fetch_add(1, Ordering::SeqCst);
+            let p = self.next.fetch_add(bytes as u64, Ordering::SeqCst);
+            self.sizes.lock().unwrap().insert(p, bytes);
+            Ok(p)
+        }
+        fn free(&self, ptr: u64) {
+            let b = self.sizes.lock().unwrap().remove(&ptr).expect("double free or unknown pointer");
+            self.used.fetch_sub(b, Ordering::SeqCst);
+            self.frees.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn fake(cap: usize) -> (CachingAllocator, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let allocs = Arc::new(AtomicUsize::new(0));
+        let frees = Arc::new(AtomicUsize::new(0));
+        let raw = Fake {
+            next: AtomicU64::new(1 << 20),
+            used: AtomicUsize::new(0),
+            cap,
+            sizes: Mutex::new(Default::default()),
+            allocs: allocs.clone(),
+            frees: frees.clone(),
+        };
+        (CachingAllocator::new(Box::new(raw)), allocs, frees)
+    }
+
+    #[test]
+    fn size_classes_bound_waste() {
+        assert_eq!(size_class(1), 512);
+        assert_eq!(size_class(512), 512);
+        assert_eq!(size_class(513), 640);
+        assert_eq!(size_class(1000), 1024);
+        assert_eq!(size_class(1025), 1280);
+        for b in (1..5_000_000).step_by(997) {
+            let c = size_class(b);
+            assert!(c >= b && (c <= 512 || c as f64 <= b as f64 * 1.25 + 1.0), "{b} -> {c}");
+        }
+    }
+
+    #[test]
+    fn steady_state_makes_no_raw_calls() {
+        let (a, allocs, frees) = fake(1 << 30);
+        let sizes = [4096usize, 100, 1 << 20, 3_000_000, 4096, 77];
+        for _step in 0..5 {
+            let blocks: Vec<Block> = sizes.iter().map(|&s| a.alloc(s).unwrap()).collect();
+            // Live blocks never share an address.
+            let mut addrs: Vec<u64> = blocks.iter().map(|b| b.addr()).collect();
+            addrs.sort_unstable();
+            addrs.dedup();
+            assert_eq!(addrs.len(), sizes.len());
+        }
+        assert_eq!(allocs.load(Ordering::SeqCst), sizes.len(), "only the first step allocates");
+        assert_eq!(frees.load(Ordering::SeqCst), 0);
+        let s = a.stats();
+        assert_eq!(s.in_use, 0);
+        assert_eq!(s.cached, sizes.iter().map(|&b| size_class(b)).sum::<usize>());
+        assert_eq!(s.peak_in_use, s.cached);
+        assert_eq!(s.reuses, 4 * sizes.len() as u64);
+        a.release_cached();
+        assert_eq!(frees.load(Ordering::SeqCst), sizes.len());
+        assert_eq!(a.stats().cached, 0);
+    }
+
+    #[test]
+    fn oom_releases_cache_then_reports_context() {
+        let (a, _allocs, frees) = fake(10 << 20);
+        drop(a.alloc(6 << 20).unwrap()); // cached, 6 MiB
+        let b = a.alloc(8 << 20).unwrap(); // needs the cache released first
+        assert_eq!(frees.load(Ordering::SeqCst), 1);
+        a.set_context("batch size 64");
+        let e = a.alloc(4 << 20).err().unwrap().to_string();
+        assert!(e.contains("batch size 64"), "{e}");
+        assert!(e.contains("asked for 4.00 MiB"), "{e}");
+        assert!(e.contains("8.00 MiB is in use"), "{e}");
+        drop(b);
+    }
+}

@@ -1,0 +1,1 @@
+//! cuDNN convolutions (filled below).

@@ -1,0 +1,1 @@
+//! Kernel images (filled below).
