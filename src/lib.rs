@@ -10,6 +10,7 @@
 //! - [`data`]: ISIC reading, verification, split, decode cache, augmentation, loader, synthetic data.
 //! - [`train`]: trainer, losses, AdamW, plateau scheduler, unfreezing, loss scaler, metrics, plots.
 //! - [`cuda`]: driver probe, embedded kernel images, device selection.
+//! - [`tools`]: `derma forward`, the comparison tool for kernel and model work.
 
 pub mod autograd;
 pub mod cuda;
@@ -18,4 +19,5 @@ pub mod io;
 pub mod nn;
 pub mod ops;
 pub mod tensor;
+pub mod tools;
 pub mod train;

@@ -1,6 +1,14 @@
 //! The `derma` command line.
 
-use clap::{Parser, Subcommand};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use derma::cuda::{self, DeviceRequest, Selected};
+use derma::io;
+use derma::nn::summary::{render, summarize};
+use derma::nn::{EfficientNet, HeadKind, ModelConfig, Variant};
+use derma::ops::loss::LossKind;
+use derma::tools::forward;
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(name = "derma", version, about = "EfficientNet-B0 training for skin-lesion classification (ISIC 2019)")]
@@ -11,12 +19,138 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    // Subcommands are added by each module (data: prepare, synth; train: train, eval, predict; ...).
+    /// Inspect or convert models.
+    #[command(subcommand)]
+    Model(ModelCmd),
+    /// One forward (and in train mode one backward) pass on given inputs, written to a safetensors file.
+    Forward(ForwardArgs),
+}
+
+#[derive(Subcommand)]
+enum ModelCmd {
+    /// Layer table, parameter counts and multiply-adds.
+    Summary(SummaryArgs),
+    /// Convert weights (.pth, seed checkpoint or .safetensors) to .safetensors with torchvision's names.
+    Export(ExportArgs),
+}
+
+#[derive(Args)]
+struct SummaryArgs {
+    #[arg(long, value_enum, default_value = "torchvision")]
+    head: HeadKind,
+    #[arg(long, default_value_t = 1000)]
+    classes: usize,
+    #[arg(long, value_enum, default_value = "b0")]
+    variant: Variant,
+    /// Input resolution for the multiply-add count.
+    #[arg(long, default_value_t = 224)]
+    size: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    #[arg(long)]
+    weights: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Precision {
+    F32,
+    F16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LossArg {
+    Focal,
+    Ce,
+}
+
+#[derive(Args)]
+struct ForwardArgs {
+    /// Model weights: torch.save .pth (state dict or the seed's checkpoint) or .safetensors.
+    #[arg(long)]
+    weights: PathBuf,
+    /// safetensors with `images` f32 [N,3,H,W], optional `targets` i64 [N] and `alpha` f32 [C].
+    #[arg(long)]
+    input: PathBuf,
+    #[arg(long)]
+    output: PathBuf,
+    #[arg(long, value_enum, default_value = "eval")]
+    mode: forward::Mode,
+    #[arg(long, default_value = "auto", value_parser = cuda::parse_device)]
+    device: DeviceRequest,
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: Precision,
+    #[arg(long, value_enum, default_value = "focal")]
+    loss: LossArg,
+    #[arg(long, default_value_t = 2.0)]
+    gamma: f64,
+}
+
+fn load_model(path: &std::path::Path) -> Result<EfficientNet<f32>> {
+    let ckpt = io::load_checkpoint(path)?;
+    EfficientNet::from_state_dict(ckpt.state_dict.entries()).with_context(|| format!("loading {}", path.display()))
+}
+
+/// Resolves `--device` for a command whose computation runs on the CPU reference backend only (so far).
+fn cpu_only(request: DeviceRequest, what: &str) -> Result<()> {
+    match cuda::select(request)? {
+        Selected::Cpu => Ok(()),
+        Selected::Cuda(g) => bail!(
+            "{what} on CUDA ({}) is not available yet: the CUDA model path is not wired; use --device cpu",
+            g.name
+        ),
+    }
+}
+
+fn run_forward(a: ForwardArgs) -> Result<()> {
+    cpu_only(a.device, "derma forward")?;
+    if a.precision == Precision::F16 {
+        bail!("--precision f16 needs a CUDA device; the CPU reference computes in f32");
+    }
+    let mut model = load_model(&a.weights)?;
+    let inputs = io::load_safetensors(&a.input).with_context(|| format!("reading {}", a.input.display()))?.0;
+    let kind = match a.loss {
+        LossArg::Focal => LossKind::Focal { gamma: a.gamma },
+        LossArg::Ce => LossKind::CrossEntropy,
+    };
+    let out = forward::run(&mut model, inputs.entries(), a.mode, &kind)?;
+    io::save_safetensors(&a.output, &out.into_iter().collect(), None)
+        .with_context(|| format!("writing {}", a.output.display()))
+}
+
+fn run_model(cmd: ModelCmd) -> Result<()> {
+    match cmd {
+        ModelCmd::Summary(a) => {
+            let m = EfficientNet::<f32>::new(ModelConfig::variant(a.variant, a.classes, a.head), 0);
+            let s = summarize(&m, a.size);
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", render(&s));
+            }
+            Ok(())
+        }
+        ModelCmd::Export(a) => {
+            let model = load_model(&a.weights)?;
+            let sd = model.state_dict().into_iter().collect();
+            io::save_safetensors(&a.out, &sd, None).with_context(|| format!("writing {}", a.out.display()))?;
+            eprintln!("wrote {} tensors to {}", model.state_dict().len(), a.out.display());
+            Ok(())
+        }
+    }
 }
 
 fn main() {
     let cli = Cli::parse();
-    let result: anyhow::Result<()> = match cli.command {};
+    let result = match cli.command {
+        Command::Model(c) => run_model(c),
+        Command::Forward(a) => run_forward(a),
+    };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);

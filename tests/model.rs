@@ -115,7 +115,8 @@ fn state_dict_roundtrip_reproduces_outputs() {
     {
         let mut t = Tape::inference();
         let x = t.constant(images(3, 32, 5));
-        let mut ctx = Ctx { train: true, dropout: false, stochastic_depth: false, frozen_bn_eval: false, rng: &mut rng };
+        let mut ctx =
+            Ctx { train: true, dropout: false, stochastic_depth: false, frozen_bn_eval: false, rng: &mut rng };
         a.forward(&mut t, x, &mut ctx).unwrap();
     }
     let sd = a.state_dict();
@@ -126,7 +127,8 @@ fn state_dict_roundtrip_reproduces_outputs() {
         let mut rng = Pcg64::seed_from_u64(0);
         let mut t = Tape::inference();
         let x = t.constant(images(2, 32, 6));
-        let mut ctx = Ctx { train: false, dropout: false, stochastic_depth: false, frozen_bn_eval: true, rng: &mut rng };
+        let mut ctx =
+            Ctx { train: false, dropout: false, stochastic_depth: false, frozen_bn_eval: true, rng: &mut rng };
         let y = m.forward(&mut t, x, &mut ctx).unwrap();
         t.value(y).data.clone()
     };

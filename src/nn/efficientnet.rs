@@ -13,7 +13,7 @@ use crate::ops::batchnorm::{BnCfg, BnState};
 use crate::ops::conv::ConvCfg;
 use crate::ops::{dropout, elementwise, pool, scale};
 use crate::tensor::{Array, Float, Storage, Tensor};
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use rand::SeedableRng;
 use rand_pcg::Pcg64;
 use std::collections::HashMap;
@@ -606,40 +606,88 @@ impl<T: Float> EfficientNet<T> {
         Ok(())
     }
 
-    /// Finds the variant and head a state dict was saved from (class count read off the classifier shape) and
-    /// loads it.
+    /// Reads the architecture off a state dict's shapes (head, class count, width and depth multipliers) and
+    /// loads it. Named variants keep their batch-norm constants; other multipliers get B0's.
     pub fn from_state_dict(sd: &[(String, Tensor)]) -> Result<Self> {
-        let shape_of = |k: &str| sd.iter().find(|(n, _)| n == k).map(|(_, t)| t.shape.clone());
-        let (head, classes) = if let Some(s) = shape_of("classifier.5.weight") {
-            (HeadKind::Seed, s[0])
-        } else if let Some(s) = shape_of("classifier.1.weight") {
-            (HeadKind::Torchvision, s[0])
-        } else {
-            bail!(
-                "the state dict has no classifier.1.weight or classifier.5.weight: not an EfficientNet with a known head"
-            );
+        let cfg = infer_config(sd)?;
+        let mut m = Self::new(cfg, 0);
+        m.load_state_dict(sd)?;
+        Ok(m)
+    }
+}
+
+/// The [`ModelConfig`] a state dict was saved from, found by matching its shapes.
+pub fn infer_config(sd: &[(String, Tensor)]) -> Result<ModelConfig> {
+    let shape_of = |k: &str| sd.iter().find(|(n, _)| n == k).map(|(_, t)| t.shape.clone());
+    let (head, classes) = if let Some(s) = shape_of("classifier.5.weight") {
+        (HeadKind::Seed, s[0])
+    } else if let Some(s) = shape_of("classifier.1.weight") {
+        (HeadKind::Torchvision, s[0])
+    } else {
+        bail!("the weights have no classifier.1.weight or classifier.5.weight: not an EfficientNet with a known head");
+    };
+    // Blocks per stage and each stage's output width, read off the key names and projection shapes.
+    let mut blocks = [0usize; 7];
+    let mut widths = [0usize; 7];
+    for (k, t) in sd {
+        let mut parts = k.split('.');
+        if parts.next() != Some("features") {
+            continue;
+        }
+        let (Some(Ok(stage)), Some(Ok(block))) =
+            (parts.next().map(str::parse::<usize>), parts.next().map(str::parse::<usize>))
+        else {
+            continue;
         };
-        let mut last_err = None;
-        for v in Variant::ALL {
-            let mut cfg = ModelConfig::variant(v, classes, head);
-            if head == HeadKind::Seed
-                && let Some(s) = shape_of("classifier.1.weight")
-            {
-                cfg.seed_hidden = s[0];
-            }
-            let mut m = Self::new(cfg, 0);
-            match m.load_state_dict(sd) {
-                Ok(()) => return Ok(m),
-                Err(e) => {
-                    if v == Variant::B0 {
-                        last_err = Some(e);
-                    }
-                }
+        if (1..=7).contains(&stage) {
+            blocks[stage - 1] = blocks[stage - 1].max(block + 1);
+            if k.ends_with(".1.running_mean") {
+                // The last BN of a block is the projection's: its width is the block's output.
+                widths[stage - 1] = t.shape.first().copied().unwrap_or(0);
             }
         }
-        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no EfficientNet variant matches")))
-            .map_err(|e| e.context("the weights match no EfficientNet B0–B7 layout (differences against B0 below)"))
     }
+    let stem = shape_of("features.0.0.weight").map(|s| s[0]).context("the weights have no features.0.0.weight")?;
+    let fits = |c: &ModelConfig| {
+        let st = c.stages();
+        st[0].3 == stem
+            && st.iter().zip(&blocks).all(|(s, &b)| s.5 == b)
+            && st.iter().zip(&widths).all(|(s, &w)| s.4 == w)
+    };
+    for v in Variant::ALL {
+        let c = ModelConfig::variant(v, classes, head);
+        if fits(&c) {
+            return Ok(with_hidden(c, &shape_of));
+        }
+    }
+    let mut c = ModelConfig::b0(classes, head);
+    let depth = (1..=400).map(|i| i as f64 / 100.0).find(|&d| {
+        c.depth_mult = d;
+        c.stages().iter().zip(&blocks).all(|(s, &b)| s.5 == b)
+    });
+    let width = (1..=400).map(|i| i as f64 / 100.0).find(|&w| {
+        c.width_mult = w;
+        fits(&c)
+    });
+    match (depth, width) {
+        (Some(d), Some(w)) => {
+            c.depth_mult = d;
+            c.width_mult = w;
+            Ok(with_hidden(c, &shape_of))
+        }
+        _ => bail!(
+            "the weights match no EfficientNet layout (stem {stem}, blocks per stage {blocks:?}, widths {widths:?})"
+        ),
+    }
+}
+
+fn with_hidden(mut c: ModelConfig, shape_of: &dyn Fn(&str) -> Option<Vec<usize>>) -> ModelConfig {
+    if c.head == HeadKind::Seed
+        && let Some(s) = shape_of("classifier.1.weight")
+    {
+        c.seed_hidden = s[0];
+    }
+    c
 }
 
 /// PyTorch shape of an internal parameter shape.

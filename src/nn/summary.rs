@@ -102,7 +102,13 @@ pub fn summarize<T: Float>(m: &EfficientNet<T>, size: usize) -> Summary {
             ("avgpool + seed head (linear, ReLU, BN1d, linear)".to_string(), a[0] * a[1] + b[0] * b[1], b[0])
         }
     };
-    rows.push(Row { name: "classifier".into(), kind, output: vec![classes], params: numel(m, &head_ids), macs: head_macs });
+    rows.push(Row {
+        name: "classifier".into(),
+        kind,
+        output: vec![classes],
+        params: numel(m, &head_ids),
+        macs: head_macs,
+    });
     let (total_params, trainable_params) = m.params.counts();
     let total_macs = rows.iter().map(|r| r.macs).sum();
     Summary { rows, total_params, trainable_params, total_macs, input: vec![size, size, 3] }
@@ -123,7 +129,8 @@ pub fn group_digits(n: usize) -> String {
 
 /// The table as text.
 pub fn render(s: &Summary) -> String {
-    let mut out = format!("{:<12} {:<48} {:>16} {:>12} {:>16}\n", "layer", "kind", "output (HWC)", "params", "mult-adds");
+    let mut out =
+        format!("{:<12} {:<48} {:>16} {:>12} {:>16}\n", "layer", "kind", "output (HWC)", "params", "mult-adds");
     for r in &s.rows {
         let shape = r.output.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("×");
         out += &format!(

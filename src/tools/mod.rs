@@ -1,0 +1,3 @@
+//! Correctness tools: `derma forward` (one step of a model, written out for comparison).
+
+pub mod forward;
