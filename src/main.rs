@@ -92,7 +92,8 @@ fn run_synth(a: SynthArgs) -> anyhow::Result<()> {
         .split_once(['x', 'X'])
         .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)))
         .ok_or_else(|| anyhow::anyhow!("--size must look like 600x450, got {:?}", a.size))?;
-    let opts = derma::data::synth::SynthOptions { out: a.out, n: a.n, seed: a.seed, faults: a.faults, width: w, height: h };
+    let opts =
+        derma::data::synth::SynthOptions { out: a.out, n: a.n, seed: a.seed, faults: a.faults, width: w, height: h };
     let s = derma::data::synth::synth(&opts)?;
     if a.json {
         println!("{}", serde_json::to_string(&s)?);

@@ -156,7 +156,10 @@ impl ImageCache {
             && h[16..24] == (slots as u64).to_le_bytes()
             && h[24..32] == (DATA_OFFSET as u64).to_le_bytes();
         if !ok {
-            bail!("cache file {} has an unexpected header or length; delete the cache folder to rebuild", path.display());
+            bail!(
+                "cache file {} has an unexpected header or length; delete the cache folder to rebuild",
+                path.display()
+            );
         }
         Ok(ImageCache { mmap, size, slots, path: path.to_path_buf() })
     }
@@ -217,9 +220,11 @@ pub fn build(dir: &Path, size: u32, candidates: &[Candidate], quiet: bool) -> Re
     let whole = match (&old, &old_cache) {
         (Some(m), Some(_)) => {
             m.entries.len() == fps.len()
-                && m.entries.iter().zip(&fps).enumerate().all(|(i, (e, f))| {
-                    e.fingerprint == *f && e.result.as_ref().map_or(true, |&s| s == i as u64)
-                })
+                && m.entries
+                    .iter()
+                    .zip(&fps)
+                    .enumerate()
+                    .all(|(i, (e, f))| e.fingerprint == *f && e.result.as_ref().map_or(true, |&s| s == i as u64))
         }
         _ => false,
     };
@@ -249,7 +254,8 @@ pub fn build(dir: &Path, size: u32, candidates: &[Candidate], quiet: bool) -> Re
     })?;
     // SAFETY: the file was just created by this process and is not visible under its final name yet; nothing
     // else maps or writes it while this mapping lives.
-    let mut map = unsafe { MmapMut::map_mut(&file) }.with_context(|| format!("memory-mapping {}", tmp_path.display()))?;
+    let mut map =
+        unsafe { MmapMut::map_mut(&file) }.with_context(|| format!("memory-mapping {}", tmp_path.display()))?;
     let (head, data) = map.split_at_mut(DATA_OFFSET);
     head[..32].copy_from_slice(&header(size, candidates.len()));
 

@@ -13,9 +13,8 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
     if bytes.is_empty() {
         return Err("empty file".to_string());
     }
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| format!("unreadable image: {e}"))?;
+    let reader =
+        ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| format!("unreadable image: {e}"))?;
     let format = reader.format().ok_or_else(|| "undecodable image: unknown format".to_string())?;
     if format == ImageFormat::Jpeg {
         jpeg_truncation(bytes).map_err(|e| format!("truncated or corrupt JPEG: {e}"))?;

@@ -167,7 +167,13 @@ impl Loader {
 
     /// Fills `images` (`len · S·S·3` floats for the batch's `len` samples) with batch `batch` of `order` (from
     /// [`Loader::epoch_order`]); returns (labels, indices). The hook for caller-owned (e.g. pinned) buffers.
-    pub fn fill(&self, epoch: u64, order: &[usize], batch: usize, images: &mut [f32]) -> Result<(Vec<usize>, Vec<usize>)> {
+    pub fn fill(
+        &self,
+        epoch: u64,
+        order: &[usize],
+        batch: usize,
+        images: &mut [f32],
+    ) -> Result<(Vec<usize>, Vec<usize>)> {
         fill_batch(&self.inner, epoch, order, batch, images)
     }
 
@@ -214,7 +220,11 @@ fn fill_batch(
     let s = inner.cfg.out_size as usize;
     let per = s * s * 3;
     if start == end || images.len() != (end - start) * per {
-        bail!("loader: batch {batch} has {} samples, the buffer {} floats ({per} per sample)", end - start, images.len());
+        bail!(
+            "loader: batch {batch} has {} samples, the buffer {} floats ({per} per sample)",
+            end - start,
+            images.len()
+        );
     }
     let src_size = inner.src.size();
     let size32 = u32::try_from(src_size).context("image side does not fit u32")?;
@@ -327,7 +337,10 @@ mod tests {
         let src = source(7, 4);
         let l = Loader::new(src.clone(), vec![6, 0, 3, 2, 5], LoaderConfig::eval(2, 4)).unwrap();
         let batches: Vec<Batch> = l.epoch(0).map(Result::unwrap).collect();
-        assert_eq!(batches.iter().map(|b| b.indices.clone()).collect::<Vec<_>>(), vec![vec![6, 0], vec![3, 2], vec![5]]);
+        assert_eq!(
+            batches.iter().map(|b| b.indices.clone()).collect::<Vec<_>>(),
+            vec![vec![6, 0], vec![3, 2], vec![5]]
+        );
         let last = &batches[2];
         assert_eq!(last.images.len(), 48);
         for (k, v) in last.images.iter().enumerate() {

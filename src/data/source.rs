@@ -107,7 +107,9 @@ fn read_isic(dir: &Path) -> Result<Table> {
             rec.iter()
                 .skip(1)
                 .zip(&all_classes)
-                .map(|(v, c)| parse_one_hot(v).ok_or_else(|| format!("label value {v:?} for class {c} is not a number")))
+                .map(|(v, c)| {
+                    parse_one_hot(v).ok_or_else(|| format!("label value {v:?} for class {c} is not a number"))
+                })
                 .collect()
         };
         raw.push((line, image, values));
@@ -214,9 +216,8 @@ fn read_plain(dir: &Path) -> Result<Table> {
     let rows = recs
         .into_iter()
         .map(|(line, image, label, lesion_id)| {
-            let label = check_id(&image, &mut seen).and_then(|()| {
-                class_names.iter().position(|c| *c == label).ok_or_else(|| "empty label".to_string())
-            });
+            let label = check_id(&image, &mut seen)
+                .and_then(|()| class_names.iter().position(|c| *c == label).ok_or_else(|| "empty label".to_string()));
             // Ids without an extension name `<id>.jpg`, like ISIC's.
             let file = if Path::new(&image).extension().is_some() { image.clone() } else { format!("{image}.jpg") };
             Row { path: img_dir.join(file), image, line, label, lesion_id }

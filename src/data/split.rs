@@ -87,7 +87,17 @@ mod tests {
     #[test]
     fn split_keeps_lesions_together_is_deterministic_and_stratified() {
         let n = 500;
-        let labels: Vec<usize> = (0..n).map(|i| if i % 10 < 7 { 0 } else if i % 10 < 9 { 1 } else { 2 }).collect();
+        let labels: Vec<usize> = (0..n)
+            .map(|i| {
+                if i % 10 < 7 {
+                    0
+                } else if i % 10 < 9 {
+                    1
+                } else {
+                    2
+                }
+            })
+            .collect();
         // Lesions of 1-3 images with the same class; every 7th image has no lesion id.
         let lesion_ids: Vec<Option<String>> =
             (0..n).map(|i| if i % 7 == 0 { None } else { Some(format!("L{}-{}", labels[i], i / 30)) }).collect();

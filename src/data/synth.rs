@@ -255,7 +255,14 @@ pub fn synth(opts: &SynthOptions) -> Result<SynthSummary> {
         let mut left = count;
         while left > 0 {
             let r = rng.random::<f32>();
-            let g = if r < 0.6 { 1 } else if r < 0.85 { 2 } else { 3 }.min(left);
+            let g = if r < 0.6 {
+                1
+            } else if r < 0.85 {
+                2
+            } else {
+                3
+            }
+            .min(left);
             let lesion = draw_lesion(&mut rng, class);
             lesion_no += 1;
             let id = if g == 1 && rng.random::<f32>() < 0.1 { None } else { Some(format!("SYN_{lesion_no:07}")) };
@@ -414,7 +421,10 @@ fn add_faults(
     push_fault(items, faults, id, "png named .jpg", &[4], Some(FileKind::Bytes(png.into_inner())));
 
     let rgb = picture(rng, 1, w, h);
-    let gray: Vec<u8> = rgb.pixels().map(|p| ((77 * u32::from(p[0]) + 150 * u32::from(p[1]) + 29 * u32::from(p[2])) >> 8) as u8).collect();
+    let gray: Vec<u8> = rgb
+        .pixels()
+        .map(|p| ((77 * u32::from(p[0]) + 150 * u32::from(p[1]) + 29 * u32::from(p[2])) >> 8) as u8)
+        .collect();
     let mut g = Vec::new();
     JpegEncoder::new_with_quality(&mut g, 90)
         .write_image(&gray, w, h, image::ExtendedColorType::L8)

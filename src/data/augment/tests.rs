@@ -59,9 +59,9 @@ fn flip_mirrors_columns() {
     }
 }
 
-/// Value of channel 0 at (x, y) of an image whose pixels are numbered `y·s + x + 1` in every channel.
+/// An image whose pixels are numbered `(y·s + x + 1) mod 256` in every channel.
 fn numbered(s: usize) -> Vec<u8> {
-    (0..s * s).flat_map(|i| [(i + 1) as u8; 3]).collect()
+    (0..s * s).flat_map(|i| [((i + 1) % 256) as u8; 3]).collect()
 }
 
 fn pixel_number(out: &[f32], s: usize, x: usize, y: usize) -> i64 {
@@ -91,7 +91,7 @@ fn rotation_by_3_degrees_hand_cases() {
     let mut p = AugParams::identity(21);
     p.set_angle(3.0);
     let out = run(&src, 21, 21, &p);
-    let n = |x: usize, y: usize| (y * s + x + 1) as i64;
+    let n = |x: usize, y: usize| ((y * s + x + 1) % 256) as i64;
     // Centre pixel fixed.
     assert_eq!(pixel_number(&out, s, 10, 10), n(10, 10));
     // Right middle (dx = 10): x_in = 10·cos3° + 10.5 = 20.49, y_in = 10·sin3° + 10.5 = 11.02 → in(20, 11).
