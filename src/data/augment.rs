@@ -365,7 +365,7 @@ pub fn rotate_source(p: &AugParams, ry: u32, rx: u32, h: u32, w: u32) -> Option<
 
 /// Normalizes a cached u8 HWC image into `out` (same length): `(v/255 − mean)/std` per channel.
 pub fn normalize_eval(src: &[u8], out: &mut [f32]) -> Result<()> {
-    if src.len() != out.len() || src.len() % 3 != 0 {
+    if src.len() != out.len() || !src.len().is_multiple_of(3) {
         bail!(
             "normalize_eval: source has {} bytes, output {} floats (want equal, a multiple of 3)",
             src.len(),

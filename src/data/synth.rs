@@ -133,7 +133,7 @@ fn draw_lesion(rng: &mut Pcg64, class: usize) -> Lesion {
         cy: 0.5 + u(rng, 0.1),
         radius: st.radius * (1.0 + u(rng, 0.15)),
         angle: u(rng, std::f32::consts::PI),
-        phase: rng.random::<f32>() * 6.28,
+        phase: rng.random::<f32>() * std::f32::consts::TAU,
         skin,
         tint: [u(rng, 12.0), u(rng, 10.0), u(rng, 10.0)],
     }
