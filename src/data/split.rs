@@ -9,9 +9,10 @@ use std::collections::BTreeMap;
 ///
 /// Images sharing a `lesion_id` form one group and always land on the same side; an image without a lesion id is
 /// its own group. Each group is stratified by its most frequent class (ties: the lowest class index). Within a
-/// class the groups are shuffled with a seeded PCG and moved to validation one by one while that brings the
-/// class's validation image count closer to `round(val_fraction · images of the class)`. The result depends only
-/// on the inputs and `seed`.
+/// class the groups are shuffled with a seeded PCG and moved to validation one by one while the class's validation
+/// count is short of `round(val_fraction · images of the class)` and the group overshoots that target by no more
+/// than the shortfall (so a small class with a positive target still gets a group). The result depends only on
+/// the inputs and `seed`.
 pub fn stratified_group_split(
     labels: &[usize],
     lesion_ids: &[Option<String>],
@@ -45,7 +46,8 @@ pub fn stratified_group_split(
         let target = (val_fraction.clamp(0.0, 1.0) * n as f64).round() as usize;
         let mut in_val = 0usize;
         for g in class_groups {
-            if in_val.abs_diff(target) > (in_val + g.len()).abs_diff(target) {
+            // Move while short of the target and overshooting by no more than the shortfall.
+            if in_val < target && (in_val + g.len()).saturating_sub(target) <= target - in_val {
                 in_val += g.len();
                 val.extend(g);
             } else {
