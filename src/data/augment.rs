@@ -228,8 +228,10 @@ pub fn random_resized_crop<R: Rng>(
 pub struct AxisWeights {
     /// First input index per output index.
     pub start: Vec<u32>,
-    /// Taps per output index.
+    /// Weight slots per output index (the stride of `w`).
     pub taps: usize,
+    /// Inputs actually read per output index (`≤ taps`).
+    pub count: Vec<u32>,
     /// `out · taps` weights.
     pub w: Vec<f32>,
 }
@@ -242,6 +244,7 @@ impl AxisWeights {
         let support = filterscale;
         let taps = (support.ceil() as usize) * 2 + 1;
         let mut start = Vec::with_capacity(out_len);
+        let mut count = Vec::with_capacity(out_len);
         let mut w = vec![0f32; out_len * taps];
         for o in 0..out_len {
             let center = (o as f64 + 0.5) * scale;
@@ -262,8 +265,9 @@ impl AxisWeights {
                 w[o * taps + k] = *v as f32;
             }
             start.push(xmin as u32);
+            count.push(ws.len().min(taps) as u32);
         }
-        AxisWeights { start, taps, w }
+        AxisWeights { start, taps, count, w }
     }
 }
 
@@ -333,15 +337,25 @@ pub fn adjust_hue(p: [f32; 3], shift: f32) -> [f32; 3] {
     }
 }
 
-/// Gaussian noise N(0, 1) for element `i` under `seed`: two 24-bit uniforms from a SplitMix64 hash, then
-/// Box–Muller. Integer hashing plus `ln`/`sqrt`/`cos` ports to a GPU kernel directly.
+/// Gaussian noise N(0, 1) for element `i` under `seed`: element pair `i/2` hashes (SplitMix64) to two 24-bit
+/// uniforms, Box–Muller turns them into two normals, the even element takes the cosine one, the odd the sine
+/// one. Integer hashing plus `ln`/`sqrt`/`cos`/`sin` ports to a GPU kernel directly.
 #[inline]
 pub fn noise_at(seed: u64, i: u64) -> f32 {
-    let h1 = split_mix(seed ^ split_mix(i));
+    let (a, b) = noise_pair(seed, i >> 1);
+    if i & 1 == 0 { a } else { b }
+}
+
+/// The two normals of element pair `pair` (elements `2·pair` and `2·pair + 1`), see [`noise_at`].
+#[inline]
+pub fn noise_pair(seed: u64, pair: u64) -> (f32, f32) {
+    let h1 = split_mix(seed ^ split_mix(pair));
     let h2 = split_mix(h1 ^ 0xA076_1D64_78BD_642F);
     let u1 = ((h1 >> 40) as f32 + 1.0) * (1.0 / 16_777_216.0); // (0, 1]
     let u2 = (h2 >> 40) as f32 * (1.0 / 16_777_216.0); // [0, 1)
-    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+    let r = (-2.0 * u1.ln()).sqrt();
+    let (sin, cos) = (std::f32::consts::TAU * u2).sin_cos();
+    (r * cos, r * sin)
 }
 
 /// Source pixel (row, column) read for rotated-image pixel `(ry, rx)`, or `None` where the rotation uncovers
@@ -416,13 +430,13 @@ pub fn apply(src: &[u8], size: u32, out_size: u32, p: &AugParams, out: &mut [f32
     for oy in 0..os {
         for ox in 0..os {
             let mut acc = [0f32; 3];
-            for ky in 0..wy.taps {
+            for ky in 0..wy.count[oy] as usize {
                 let fy = wy.w[oy * wy.taps + ky];
                 if fy == 0.0 {
                     continue;
                 }
                 let ry = top + wy.start[oy] + ky as u32;
-                for kx in 0..wx.taps {
+                for kx in 0..wx.count[ox] as usize {
                     let fx = wx.w[ox * wx.taps + kx];
                     if fx == 0.0 {
                         continue;
@@ -452,13 +466,25 @@ pub fn apply(src: &[u8], size: u32, out_size: u32, p: &AugParams, out: &mut [f32
         0.0
     };
 
-    // 3. Colour in order, normalize, noise.
-    for (pix, px) in out.chunks_exact_mut(3).enumerate() {
+    // 3. Colour in order, then normalize.
+    for px in out.chunks_exact_mut(3) {
         let v = color_ops([px[0], px[1], px[2]], p, 4, mean);
         for c in 0..3 {
-            let i = pix * 3 + c;
-            let noise = if p.noise_std != 0.0 { p.noise_std * noise_at(p.noise_seed, i as u64) } else { 0.0 };
-            px[c] = (v[c] - IMAGENET_MEAN[c]) / IMAGENET_STD[c] + noise;
+            px[c] = (v[c] - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
+        }
+    }
+
+    // 4. Noise: element i gets noise_std · noise_at(noise_seed, i), computed two elements at a time.
+    if p.noise_std != 0.0 {
+        let mut pairs = out.chunks_exact_mut(2);
+        for (k, pair) in (&mut pairs).enumerate() {
+            let (a, b) = noise_pair(p.noise_seed, k as u64);
+            pair[0] += p.noise_std * a;
+            pair[1] += p.noise_std * b;
+        }
+        let n = out.len();
+        if n % 2 == 1 {
+            out[n - 1] += p.noise_std * noise_at(p.noise_seed, (n - 1) as u64);
         }
     }
     Ok(())
