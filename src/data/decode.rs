@@ -130,6 +130,27 @@ mod tests {
     }
 
     #[test]
+    fn progressive_and_restart_marker_jpegs_walk_to_eoi() {
+        let (w, h) = (33u16, 17u16);
+        let px: Vec<u8> = (0..usize::from(w) * usize::from(h) * 3).map(|i| (i * 13 % 256) as u8).collect();
+        for (progressive, restart) in [(true, None), (false, Some(2u16)), (true, Some(1))] {
+            let mut out = Vec::new();
+            let mut enc = jpeg_encoder::Encoder::new(&mut out, 85);
+            enc.set_progressive(progressive);
+            if let Some(r) = restart {
+                enc.set_restart_interval(r);
+            }
+            enc.encode(&px, w, h, jpeg_encoder::ColorType::Rgb).unwrap();
+            assert!(jpeg_truncation(&out).is_ok(), "progressive {progressive} restart {restart:?}");
+            let img = decode_rgb(&out).unwrap();
+            assert_eq!(img.dimensions(), (33, 17));
+            for cut in [out.len() - 2, out.len() * 2 / 3, out.len() / 3] {
+                assert!(decode_rgb(&out[..cut]).is_err(), "cut at {cut}");
+            }
+        }
+    }
+
+    #[test]
     fn empty_and_garbage_are_rejected() {
         assert_eq!(decode_rgb(&[]).unwrap_err(), "empty file");
         assert!(decode_rgb(b"this is not an image at all").is_err());

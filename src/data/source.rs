@@ -225,3 +225,43 @@ fn read_plain(dir: &Path) -> Result<Table> {
         .collect();
     Ok(Table { layout: Layout::Plain, class_names, rows })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn write_gt(dir: &Path, rows: &str) {
+        fs::write(dir.join(ISIC_GROUND_TRUTH), format!("image,MEL,NV,UNK\n{rows}")).unwrap();
+    }
+
+    #[test]
+    fn unk_is_dropped_only_while_all_zero() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_gt(tmp.path(), "a,1.0,0.0,0.0\nb,0.0,1.0,0.0\nc,abc,0.0,0.0\nd,0.0,0.0,0.0\na,0.0,1.0,0.0\ne,1,1,0\n");
+        fs::write(
+            tmp.path().join(ISIC_METADATA),
+            "image,age_approx,anatom_site_general,lesion_id,sex\na,,,L1,\nb,30.0,,,male\n",
+        )
+        .unwrap();
+        let t = read_table(tmp.path()).unwrap();
+        assert_eq!(t.layout, Layout::Isic2019);
+        assert_eq!(t.class_names, vec!["MEL", "NV"]);
+        let labels: Vec<_> = t.rows.iter().map(|r| r.label.clone()).collect();
+        assert_eq!(labels[0], Ok(0));
+        assert_eq!(labels[1], Ok(1));
+        assert!(labels[2].as_ref().unwrap_err().contains("not a number"));
+        assert_eq!(labels[3], Err("label has no positive class".to_string()));
+        assert!(labels[4].as_ref().unwrap_err().contains("duplicate"));
+        assert!(labels[5].as_ref().unwrap_err().contains("2 positive classes (MEL,NV)"));
+        assert_eq!(t.rows[0].lesion_id.as_deref(), Some("L1"));
+        assert_eq!(t.rows[1].lesion_id, None);
+        assert_eq!(t.rows[2].line, 4);
+        assert!(t.rows[0].path.ends_with("ISIC_2019_Training_Input/a.jpg"));
+
+        write_gt(tmp.path(), "a,0.0,0.0,1.0\nb,0.0,1.0,0.0\n");
+        let t = read_table(tmp.path()).unwrap();
+        assert_eq!(t.class_names, vec!["MEL", "NV", "UNK"]);
+        assert_eq!(t.rows[0].label, Ok(2));
+    }
+}
