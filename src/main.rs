@@ -10,6 +10,8 @@ use derma::ops::loss::LossKind;
 use derma::tools::forward;
 use std::path::PathBuf;
 
+mod cli;
+
 #[derive(Parser)]
 #[command(name = "derma", version, about = "EfficientNet-B0 training for skin-lesion classification (ISIC 2019)")]
 struct Cli {
@@ -24,6 +26,10 @@ enum Command {
     Model(ModelCmd),
     /// One forward (and in train mode one backward) pass on given inputs, written to a safetensors file.
     Forward(ForwardArgs),
+    /// Verify a dataset folder, build the decode cache, split train/validation and compute class weights.
+    Prepare(cli::data::PrepareArgs),
+    /// Write a synthetic dataset in the ISIC 2019 layout.
+    Synth(cli::data::SynthArgs),
 }
 
 #[derive(Subcommand)]
@@ -150,6 +156,8 @@ fn main() {
     let result = match cli.command {
         Command::Model(c) => run_model(c),
         Command::Forward(a) => run_forward(a),
+        Command::Prepare(a) => cli::data::run_prepare(a),
+        Command::Synth(a) => cli::data::run_synth(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
