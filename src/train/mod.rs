@@ -3,7 +3,11 @@
 //! PyTorch semantics of the seed pipeline; the training loop composes them.
 
 pub mod adamw;
+pub mod config;
 pub mod early_stop;
+pub mod history;
+pub mod metrics;
 pub mod plateau;
+pub mod plots;
 pub mod scaler;
 pub mod unfreeze;
