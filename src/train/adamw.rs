@@ -87,6 +87,9 @@ pub struct ParamSlot<'a> {
     pub lr: f64,
 }
 
+/// A named borrowed tensor, as written to a checkpoint.
+pub type NamedSlice<'a> = (String, &'a [f32]);
+
 /// The AdamW optimizer: hyper-parameters plus per-parameter state. Serializable for checkpoints.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdamW {
@@ -233,7 +236,7 @@ impl AdamW {
 
     /// Flat tensor names and values for a checkpoint file: `"{name}.exp_avg"`, `"{name}.exp_avg_sq"` per stepped
     /// parameter, plus the steps as `(name, step)` pairs (steps are metadata, not tensors).
-    pub fn tensor_entries(&self) -> (Vec<(String, &[f32])>, Vec<(String, u64)>) {
+    pub fn tensor_entries(&self) -> (Vec<NamedSlice<'_>>, Vec<(String, u64)>) {
         let mut tensors = Vec::with_capacity(self.states.len() * 2);
         let mut steps = Vec::with_capacity(self.states.len());
         for (name, s) in &self.states {

@@ -220,8 +220,8 @@ impl TrainConfig {
     /// Reads a TOML file; keys it does not name keep their defaults. Unknown keys and invalid values are errors
     /// naming the file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read training config {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read training config {}", path.display()))?;
         Self::from_toml_str(&text).with_context(|| format!("invalid training config {}", path.display()))
     }
 

@@ -146,7 +146,8 @@ impl Report {
         let c = self.per_class.len() as f64;
         let n = self.num_samples as f64;
         let mean = |f: &dyn Fn(&ClassMetrics) -> f64| self.per_class.iter().map(f).sum::<f64>() / c;
-        let wmean = |f: &dyn Fn(&ClassMetrics) -> f64| self.per_class.iter().map(|m| m.support as f64 * f(m)).sum::<f64>() / n;
+        let wmean =
+            |f: &dyn Fn(&ClassMetrics) -> f64| self.per_class.iter().map(|m| m.support as f64 * f(m)).sum::<f64>() / n;
         self.macro_avg.precision = mean(&|m| m.precision);
         self.macro_avg.recall = mean(&|m| m.recall);
         self.macro_avg.f1 = mean(&|m| m.f1);
@@ -245,7 +246,11 @@ pub fn render_report(report: &Report, class_names: &[String]) -> String {
     let names: Vec<String> = (0..c).map(|i| class_name(class_names, i)).collect();
     let w = names.iter().map(|n| n.len()).max().unwrap_or(0).max("weighted avg".len());
     let mut s = String::new();
-    let _ = writeln!(s, "{:>w$}  {:>9}  {:>9}  {:>9}  {:>8}  {:>8}", "", "precision", "recall", "f1-score", "support", "roc-auc");
+    let _ = writeln!(
+        s,
+        "{:>w$}  {:>9}  {:>9}  {:>9}  {:>8}  {:>8}",
+        "", "precision", "recall", "f1-score", "support", "roc-auc"
+    );
     for (name, m) in names.iter().zip(&report.per_class) {
         let _ = writeln!(
             s,
@@ -408,7 +413,13 @@ mod tests {
                 for j in 0..n {
                     if pos[i] && !pos[j] {
                         pairs += 1.0;
-                        num += if scores[i] > scores[j] { 1.0 } else if scores[i] == scores[j] { 0.5 } else { 0.0 };
+                        num += if scores[i] > scores[j] {
+                            1.0
+                        } else if scores[i] == scores[j] {
+                            0.5
+                        } else {
+                            0.0
+                        };
                     }
                 }
             }

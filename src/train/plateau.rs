@@ -46,7 +46,15 @@ pub struct PlateauConfig {
 
 impl Default for PlateauConfig {
     fn default() -> Self {
-        PlateauConfig { mode: PlateauMode::Max, factor: 0.5, patience: 5, min_lr: 1e-6, threshold: 1e-4, cooldown: 0, eps: 1e-8 }
+        PlateauConfig {
+            mode: PlateauMode::Max,
+            factor: 0.5,
+            patience: 5,
+            min_lr: 1e-6,
+            threshold: 1e-4,
+            cooldown: 0,
+            eps: 1e-8,
+        }
     }
 }
 
@@ -187,8 +195,17 @@ mod tests {
         }
         // bad counts: ep3..7 = 1..5, ep8 = 6 > 5 → cut; ep9..13 = 1..5, ep14 = 6 → cut.
         assert_eq!(cuts, vec![8, 14]);
-        let expected: Vec<f64> =
-            (1..=14).map(|e| if e < 8 { 5e-5 } else if e < 14 { 2.5e-5 } else { 1.25e-5 }).collect();
+        let expected: Vec<f64> = (1..=14)
+            .map(|e| {
+                if e < 8 {
+                    5e-5
+                } else if e < 14 {
+                    2.5e-5
+                } else {
+                    1.25e-5
+                }
+            })
+            .collect();
         assert_eq!(lrs, expected);
         assert_eq!(s.best(), Some(0.6));
         assert_eq!(s.last_epoch(), 14);

@@ -103,9 +103,11 @@ fn value_range(series: &[Series], floor: Option<f64>, ceil: Option<f64>) -> Rang
 
 /// Epochs where the frozen-block count changes (stage transitions).
 fn transitions(h: &History) -> Vec<(f64, usize, usize)> {
-    h.epochs.windows(2).filter(|w| w[0].frozen_layers != w[1].frozen_layers).map(|w| {
-        (w[1].epoch as f64, w[0].frozen_layers, w[1].frozen_layers)
-    }).collect()
+    h.epochs
+        .windows(2)
+        .filter(|w| w[0].frozen_layers != w[1].frozen_layers)
+        .map(|w| (w[1].epoch as f64, w[0].frozen_layers, w[1].frozen_layers))
+        .collect()
 }
 
 fn line_chart(
@@ -180,7 +182,11 @@ pub fn plot_accuracy(h: &History, path: &Path) -> Result<()> {
     let series = vec![
         Series { label: "train accuracy".into(), color: BLUE, points: finite_points(h, |r| r.train_acc) },
         Series { label: "val accuracy".into(), color: ORANGE, points: finite_points(h, |r| r.val_acc) },
-        Series { label: "val balanced accuracy".into(), color: GREEN, points: finite_points(h, |r| r.val_balanced_acc) },
+        Series {
+            label: "val balanced accuracy".into(),
+            color: GREEN,
+            points: finite_points(h, |r| r.val_balanced_acc),
+        },
     ];
     let range = value_range(&series, Some(0.0), Some(1.0));
     render_png(path, LINE_W, |a| line_chart(a, "Accuracy", "accuracy", h, &series, range, true))
@@ -402,7 +408,11 @@ pub fn plot_confusion(report: &Report, class_names: &[String], path: &Path) -> R
         }
         let axis = (FONT, 20).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Top));
         root.draw(&Text::new("predicted class", (left + grid / 2, top + grid + 40), axis.clone())).map_err(pe)?;
-        let axis_v = (FONT, 20).into_font().transform(FontTransform::Rotate270).color(&BLACK).pos(Pos::new(HPos::Center, VPos::Top));
+        let axis_v = (FONT, 20)
+            .into_font()
+            .transform(FontTransform::Rotate270)
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Center, VPos::Top));
         root.draw(&Text::new("true class", (14, top + grid / 2), axis_v)).map_err(pe)?;
         // Colour bar.
         let bx = left + grid + 40;
@@ -449,16 +459,24 @@ pub fn plot_f1(report: &Report, class_names: &[String], path: &Path) -> Result<(
             .x_label_formatter(&|x| {
                 // Label only the bar centres (k + 0.5).
                 let k = (x - 0.5).round();
-                if (x - 0.5 - k).abs() < 1e-6 && k >= 0.0 { names.get(k as usize).cloned().unwrap_or_default() } else { String::new() }
+                if (x - 0.5 - k).abs() < 1e-6 && k >= 0.0 {
+                    names.get(k as usize).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                }
             })
             .y_label_formatter(&|y| format!("{y:.1}"))
             .light_line_style(RGBColor(235, 235, 235))
             .draw()
             .map_err(pe)?;
         chart
-            .draw_series(report.per_class.iter().enumerate().map(|(k, m)| {
-                Rectangle::new([(k as f64 + 0.15, 0.0), (k as f64 + 0.85, m.f1)], BLUE.filled())
-            }))
+            .draw_series(
+                report
+                    .per_class
+                    .iter()
+                    .enumerate()
+                    .map(|(k, m)| Rectangle::new([(k as f64 + 0.15, 0.0), (k as f64 + 0.85, m.f1)], BLUE.filled())),
+            )
             .map_err(pe)?;
         chart
             .draw_series(report.per_class.iter().enumerate().map(|(k, m)| {
@@ -492,12 +510,15 @@ pub fn plot_f1(report: &Report, class_names: &[String], path: &Path) -> Result<(
     })
 }
 
+/// A plot drawn from the history alone.
+type HistoryPlot = fn(&History, &Path) -> Result<()>;
+
 /// Writes every plot into `dir`: `accuracy.png`, `loss.png`, `unfreezing.png`, `lr.png` from the history, and
 /// `confusion_matrix.png`, `f1_per_class.png` when a report is given. Returns the written paths.
 pub fn write_plots(dir: &Path, h: &History, report: Option<&Report>, class_names: &[String]) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create plot folder {}", dir.display()))?;
     let mut written = Vec::new();
-    let history_plots: [(&str, fn(&History, &Path) -> Result<()>); 4] = [
+    let history_plots: [(&str, HistoryPlot); 4] = [
         ("accuracy.png", plot_accuracy),
         ("loss.png", plot_loss),
         ("unfreezing.png", plot_unfreezing),
