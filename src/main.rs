@@ -30,6 +30,8 @@ enum Command {
     Prepare(cli::data::PrepareArgs),
     /// Write a synthetic dataset in the ISIC 2019 layout.
     Synth(cli::data::SynthArgs),
+    /// Train the seed's recipe (without --data: a short run on embedded synthetic data).
+    Train(cli::train::TrainArgs),
 }
 
 #[derive(Subcommand)]
@@ -158,6 +160,7 @@ fn main() {
         Command::Forward(a) => run_forward(a),
         Command::Prepare(a) => cli::data::run_prepare(a),
         Command::Synth(a) => cli::data::run_synth(a),
+        Command::Train(a) => cli::train::run_train(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

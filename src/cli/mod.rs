@@ -1,3 +1,4 @@
 //! Subcommands, one module per area.
 
 pub mod data;
+pub mod train;

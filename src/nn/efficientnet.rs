@@ -100,8 +100,8 @@ pub struct ModelConfig {
     pub depth_mult: f64,
     /// Dropout of torchvision's classifier.
     pub dropout: f64,
-    /// Dropout of both dropout layers in the seed's head.
-    pub seed_dropout: f64,
+    /// Dropout before the seed head's first and last linear layers.
+    pub seed_dropout: (f64, f64),
     pub stochastic_depth_prob: f64,
     pub num_classes: usize,
     pub head: HeadKind,
@@ -120,7 +120,7 @@ impl ModelConfig {
             width_mult: w,
             depth_mult: d,
             dropout: p,
-            seed_dropout: 0.5,
+            seed_dropout: (0.5, 0.5),
             stochastic_depth_prob: 0.2,
             num_classes,
             head,
@@ -325,7 +325,7 @@ impl<T: Float> MbConv<T> {
 #[derive(Clone, Debug)]
 pub enum Head<T> {
     Torchvision { dropout: f64, fc: Linear },
-    Seed { dropout: f64, fc1: Linear, bn: BatchNorm<T>, fc2: Linear },
+    Seed { dropout: (f64, f64), fc1: Linear, bn: BatchNorm<T>, fc2: Linear },
 }
 
 impl<T: Float> Head<T> {
@@ -372,11 +372,11 @@ impl<T: Float> Head<T> {
                 fc.forward(tape, store, h)
             }
             Head::Seed { dropout, fc1, bn, fc2 } => {
-                let h = maybe_dropout(tape, ctx, x, *dropout)?;
+                let h = maybe_dropout(tape, ctx, x, dropout.0)?;
                 let h = fc1.forward(tape, store, h)?;
                 let h = activation::relu(tape, h);
                 let h = bn.forward(tape, store, h, ctx.bn_mode(false), None)?;
-                let h = maybe_dropout(tape, ctx, h, *dropout)?;
+                let h = maybe_dropout(tape, ctx, h, dropout.1)?;
                 fc2.forward(tape, store, h)
             }
         }

@@ -3,6 +3,7 @@
 //! PyTorch semantics of the seed pipeline; the training loop composes them.
 
 pub mod adamw;
+pub mod checkpoint;
 pub mod config;
 pub mod early_stop;
 pub mod history;
@@ -10,4 +11,5 @@ pub mod metrics;
 pub mod plateau;
 pub mod plots;
 pub mod scaler;
+pub mod trainer;
 pub mod unfreeze;

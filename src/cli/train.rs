@@ -1,0 +1,188 @@
+//! `derma train`.
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use derma::data::synth::{SynthOptions, synth};
+use derma::train::config::{BnFrozenMode, DeviceChoice, LossKind, Precision, TrainConfig};
+use derma::train::trainer::{self, TrainRun};
+use derma::train::unfreeze::{Stage, UnfreezeSchedule};
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Dataset folder (ISIC 2019 layout, or labels.csv + images/). Without it, derma makes a synthetic
+    /// ISIC-layout dataset in the run folder and trains a short demonstration schedule on it.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// TOML file with any training setting (flags given here override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Run folder for checkpoints, history, plots and the resolved config [default: runs/<time>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in this folder from its last checkpoint (the saved config is used).
+    #[arg(long, conflicts_with_all = ["config", "out"])]
+    resume: Option<PathBuf>,
+    /// torchvision EfficientNet-B0 ImageNet weights (.pth or .safetensors) for the backbone.
+    #[arg(long)]
+    pretrained: Option<PathBuf>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    image_size: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    workers: Option<usize>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<DeviceChoice>,
+    #[arg(long, value_parser = parse_precision)]
+    precision: Option<Precision>,
+    /// focal (the seed) or ce.
+    #[arg(long, value_parser = parse_loss)]
+    loss: Option<LossKind>,
+    /// Early-stopping patience in epochs (0 turns it off).
+    #[arg(long)]
+    patience: Option<u32>,
+    /// Batch norm in frozen blocks: frozen-eval (derma's default: use and keep running statistics) or torch
+    /// (batch statistics, running statistics updated, as PyTorch's train mode does).
+    #[arg(long, value_parser = parse_bn)]
+    frozen_bn: Option<BnFrozenMode>,
+    /// Stop after this many optimizer steps, saving as on Ctrl-C (for testing resumption).
+    #[arg(long, hide = true)]
+    stop_after_steps: Option<usize>,
+    /// Logs instead of progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_precision(s: &str) -> Result<Precision, String> {
+    match s {
+        "f32" => Ok(Precision::F32),
+        "f16" => Ok(Precision::F16),
+        _ => Err(format!("expected f32 or f16, got {s:?}")),
+    }
+}
+
+fn parse_loss(s: &str) -> Result<LossKind, String> {
+    match s {
+        "focal" => Ok(LossKind::Focal),
+        "ce" => Ok(LossKind::Ce),
+        _ => Err(format!("expected focal or ce, got {s:?}")),
+    }
+}
+
+fn parse_bn(s: &str) -> Result<BnFrozenMode, String> {
+    match s {
+        "frozen-eval" => Ok(BnFrozenMode::FrozenEval),
+        "torch" => Ok(BnFrozenMode::Torch),
+        _ => Err(format!("expected frozen-eval or torch, got {s:?}")),
+    }
+}
+
+/// The embedded demonstration: small images and a compressed version of the seed's unfreezing schedule, so a
+/// 2-core CPU finishes in about three minutes on random initialisation.
+fn demo_config(mut c: TrainConfig) -> Result<TrainConfig> {
+    c.image_size = 64;
+    c.batch_size = 16;
+    c.epochs = 8;
+    c.lr = 2e-3;
+    c.head_dropout1 = 0.2;
+    c.head_dropout2 = 0.2;
+    c.unfreeze = UnfreezeSchedule::new(vec![
+        Stage { epoch: 0, frozen_blocks: 5, lr_multiplier: 1.0 },
+        Stage { epoch: 3, frozen_blocks: 0, lr_multiplier: 0.5 },
+    ])?;
+    c.early_stopping.patience = 0;
+    Ok(c)
+}
+
+pub fn run_train(a: TrainArgs) -> Result<()> {
+    let (mut cfg, out, resume) = match &a.resume {
+        Some(dir) => (TrainConfig::load(&dir.join("config.toml"))?, dir.clone(), true),
+        None => {
+            let cfg = match &a.config {
+                Some(p) => TrainConfig::load(p)?,
+                None if a.data.is_none() => demo_config(TrainConfig::default())?,
+                None => TrainConfig::default(),
+            };
+            let out = a.out.clone().unwrap_or_else(|| {
+                let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                PathBuf::from("runs").join(format!("run-{t}"))
+            });
+            (cfg, out, false)
+        }
+    };
+    if let Some(v) = &a.pretrained {
+        cfg.pretrained = Some(v.clone());
+    }
+    macro_rules! set {
+        ($field:ident, $v:expr) => {
+            if let Some(v) = $v {
+                cfg.$field = v;
+            }
+        };
+    }
+    set!(epochs, a.epochs);
+    set!(batch_size, a.batch_size);
+    set!(lr, a.lr);
+    set!(image_size, a.image_size);
+    set!(seed, a.seed);
+    set!(device, a.device);
+    set!(precision, a.precision);
+    set!(loss, a.loss);
+    set!(bn_frozen_mode, a.frozen_bn);
+    if let Some(w) = a.workers {
+        cfg.workers = Some(w);
+    }
+    if let Some(p) = a.patience {
+        cfg.early_stopping.patience = p;
+    }
+    cfg.validate()?;
+    let data = match (&a.data, resume) {
+        (Some(d), _) => d.clone(),
+        (None, true) => {
+            let synthetic = out.join("synthetic-data");
+            if !synthetic.exists() {
+                bail!("--resume {} needs --data: the run was not trained on the embedded synthetic data", out.display());
+            }
+            synthetic
+        }
+        (None, false) => {
+            let dir = out.join("synthetic-data");
+            eprintln!("no --data: writing a synthetic ISIC 2019-layout dataset to {}", dir.display());
+            let s = synth(&SynthOptions { out: dir.clone(), n: 1200, seed: cfg.seed, faults: false, width: 160, height: 120 })
+                .context("making the synthetic dataset")?;
+            eprintln!("{} images, classes {:?}", s.rows, s.class_counts);
+            dir
+        }
+    };
+    trainer::install_ctrlc_handler()?;
+    let outcome = trainer::run(&TrainRun {
+        config: cfg,
+        data,
+        out: out.clone(),
+        resume,
+        quiet: a.quiet,
+        stop_after_steps: a.stop_after_steps,
+    })?;
+    if outcome.interrupted {
+        eprintln!("stopped early at the user's request; resume with: derma train --resume {}", out.display());
+        return Ok(());
+    }
+    if let Some(r) = &outcome.last {
+        eprintln!(
+            "done: {} epochs, best val acc {:.4}, last val balanced acc {:.4}; run folder {}",
+            outcome.epochs_completed,
+            outcome.best_val_acc.unwrap_or(0.0),
+            r.val_balanced_acc,
+            out.display()
+        );
+    }
+    Ok(())
+}

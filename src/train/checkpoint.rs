@@ -1,0 +1,168 @@
+//! Training checkpoints: one safetensors file holding everything a run needs to continue.
+//!
+//! - tensors: the model's state dict under torchvision's names (PyTorch can load it after dropping the
+//!   `optimizer.` entries), and AdamW's moments as `optimizer.exp_avg.<name>` / `optimizer.exp_avg_sq.<name>`;
+//! - metadata: `epoch`, `val_acc`, `frozen_layers` and `config` (JSON) as the seed's checkpoint has them, plus
+//!   `class_names`, `image_size` and `derma.train_state` (scheduler, scaler, early stopping, unfreezing stage,
+//!   position in the epoch, AdamW step counts, history).
+//!
+//! Files are written to a temporary name and renamed, so a crash never leaves a broken checkpoint.
+
+use super::adamw::{AdamW, ParamState};
+use super::config::TrainConfig;
+use super::early_stop::EarlyStopping;
+use super::history::History;
+use super::plateau::ReduceLrOnPlateau;
+use super::scaler::GradScaler;
+use crate::data::ISIC_CLASSES;
+use crate::io::{self, CheckpointMeta, StateDict};
+use crate::nn::EfficientNet;
+use crate::tensor::Tensor;
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+const OPT_M: &str = "optimizer.exp_avg.";
+const OPT_V: &str = "optimizer.exp_avg_sq.";
+const STATE_KEY: &str = "derma.train_state";
+
+/// Running sums of a partly trained epoch (so an interrupted epoch resumes exactly).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EpochProgress {
+    /// Batches of the epoch already trained.
+    pub step: usize,
+    pub loss_sum: f64,
+    pub correct: usize,
+    pub seen: usize,
+    /// Training seconds spent in the epoch so far.
+    pub seconds: f64,
+}
+
+/// Everything besides weights and moments that a resumed run needs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// The epoch in progress (or the next one, when `progress.step == 0`).
+    pub epoch: usize,
+    pub progress: EpochProgress,
+    pub adam_steps: BTreeMap<String, u64>,
+    pub plateau: ReduceLrOnPlateau,
+    pub early: EarlyStopping,
+    pub scaler: GradScaler,
+    pub history: History,
+    pub best_val_acc: Option<f64>,
+    pub class_weights: Vec<f32>,
+}
+
+/// A checkpoint as loaded.
+pub struct Loaded {
+    pub model: EfficientNet<f32>,
+    pub class_names: Vec<String>,
+    pub image_size: usize,
+    pub config: Option<TrainConfig>,
+    pub state: Option<TrainState>,
+    pub meta: CheckpointMeta,
+    moments: Vec<(String, Tensor, Tensor)>,
+}
+
+impl Loaded {
+    /// Puts the saved moments and step counts into an optimizer.
+    pub fn restore_optimizer(&self, adamw: &mut AdamW) -> Result<()> {
+        let steps = self.state.as_ref().map(|s| &s.adam_steps);
+        for (name, m, v) in &self.moments {
+            let step = steps.and_then(|s| s.get(name)).copied().unwrap_or(0);
+            adamw.insert_state(name, ParamState { step, exp_avg: m.to_f32_vec(), exp_avg_sq: v.to_f32_vec() })?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes a checkpoint atomically.
+pub fn save(
+    path: &Path,
+    model: &EfficientNet<f32>,
+    adamw: &AdamW,
+    state: &TrainState,
+    config: &TrainConfig,
+    class_names: &[String],
+    image_size: usize,
+) -> Result<()> {
+    let mut sd: StateDict = model.state_dict().into_iter().collect();
+    let mut steps = BTreeMap::new();
+    for (name, st) in adamw.states() {
+        // Moments stay in derma's internal layout (OHWI for convs), flattened: they only come back to derma.
+        let n = st.exp_avg.len();
+        sd.insert(format!("{OPT_M}{name}"), Tensor::from_f32(&[n], st.exp_avg.clone())?);
+        sd.insert(format!("{OPT_V}{name}"), Tensor::from_f32(&[n], st.exp_avg_sq.clone())?);
+        steps.insert(name.to_string(), st.step);
+    }
+    let mut st = state.clone();
+    st.adam_steps = steps;
+    let meta = CheckpointMeta {
+        epoch: Some(state.epoch as i64),
+        val_acc: state.history.epochs.last().map(|r| r.val_acc),
+        frozen_layers: Some(model.frozen_blocks as i64),
+        config: Some(serde_json::to_value(config)?),
+        strings: Default::default(),
+    };
+    let mut strings = meta.to_strings();
+    strings.insert("class_names".into(), serde_json::to_string(class_names)?);
+    strings.insert("image_size".into(), image_size.to_string());
+    strings.insert(STATE_KEY.into(), serde_json::to_string(&st)?);
+    io::save_safetensors(path, &sd, Some(strings)).with_context(|| format!("writing checkpoint {}", path.display()))
+}
+
+/// Class names for a model of `n` classes when the file does not name them.
+fn default_class_names(n: usize) -> Vec<String> {
+    if n == 8 || n == 9 {
+        ISIC_CLASSES[..n].iter().map(|s| s.to_string()).collect()
+    } else {
+        (0..n).map(|i| format!("class{i}")).collect()
+    }
+}
+
+/// Loads a derma checkpoint, a seed checkpoint (.pth) or plain weights.
+pub fn load(path: &Path) -> Result<Loaded> {
+    let ckpt = io::load_checkpoint(path)?;
+    let mut weights = StateDict::new();
+    let mut m_map = BTreeMap::new();
+    let mut v_map = BTreeMap::new();
+    for (k, t) in ckpt.state_dict.into_entries() {
+        if let Some(n) = k.strip_prefix(OPT_M) {
+            m_map.insert(n.to_string(), t);
+        } else if let Some(n) = k.strip_prefix(OPT_V) {
+            v_map.insert(n.to_string(), t);
+        } else {
+            weights.insert(k, t);
+        }
+    }
+    let mut moments = Vec::new();
+    for (n, m) in m_map {
+        let v = v_map.remove(&n).with_context(|| format!("{}: optimizer moment exp_avg_sq of {n} is missing", path.display()))?;
+        moments.push((n, m, v));
+    }
+    let model = EfficientNet::from_state_dict(weights.entries()).with_context(|| format!("loading {}", path.display()))?;
+    let s = &ckpt.meta.strings;
+    let class_names = match s.get("class_names") {
+        Some(j) => serde_json::from_str::<Vec<String>>(j).with_context(|| format!("{}: bad class_names", path.display()))?,
+        None => default_class_names(model.config.num_classes),
+    };
+    if class_names.len() != model.config.num_classes {
+        bail!("{}: {} class names for a {}-class model", path.display(), class_names.len(), model.config.num_classes);
+    }
+    let image_size = match s.get("image_size") {
+        Some(v) => v.parse().with_context(|| format!("{}: bad image_size {v:?}", path.display()))?,
+        None => 224,
+    };
+    let config = match &ckpt.meta.config {
+        Some(c) if s.contains_key(STATE_KEY) => Some(
+            serde_json::from_value::<TrainConfig>(c.clone()).with_context(|| format!("{}: bad config", path.display()))?,
+        ),
+        _ => None,
+    };
+    let state = match s.get(STATE_KEY) {
+        Some(j) => Some(serde_json::from_str(j).with_context(|| format!("{}: bad training state", path.display()))?),
+        None => None,
+    };
+    Ok(Loaded { model, class_names, image_size, config, state, meta: ckpt.meta, moments })
+}

@@ -1,0 +1,425 @@
+//! The training loop: the seed's recipe on derma's engine.
+//!
+//! Per epoch: the unfreezing stage sets which feature blocks are frozen and the backbone's learning-rate
+//! multiplier; each batch runs forward, focal loss (class weights = balanced weights of the training split),
+//! backward, loss-scale check and AdamW on the trainable parameters (head at the scheduler's learning rate,
+//! backbone at that times the stage multiplier); then validation, the plateau scheduler and early stopping on
+//! validation accuracy, the history files, the plots and the checkpoints.
+//!
+//! Every random draw is a pure function of (seed, epoch, step), so an interrupted run resumed from its last
+//! checkpoint continues bit for bit as the uninterrupted run would have on the CPU.
+
+use super::adamw::AdamW;
+use super::checkpoint::{self, EpochProgress, TrainState};
+use super::config::{BnFrozenMode, ClassWeighting, DeviceChoice, LossKind as CfgLoss, Precision, TrainConfig};
+use super::early_stop::EarlyStopping;
+use super::history::{EpochRecord, History};
+use super::metrics::{Report, compute_report};
+use super::plateau::ReduceLrOnPlateau;
+use super::plots;
+use super::scaler::GradScaler;
+use crate::autograd::Tape;
+use crate::cuda::{self, DeviceRequest, Selected};
+use crate::data::loader::{Loader, LoaderConfig};
+use crate::data::{self, PrepareOptions, PreparedData, split_mix};
+use crate::nn::{Ctx, EfficientNet, HeadKind, ModelConfig};
+use crate::ops::loss::{self, LossKind, softmax_rows};
+use crate::tensor::Array;
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand_pcg::Pcg64;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Makes Ctrl-C finish the current step, save and exit; a second Ctrl-C exits at once.
+pub fn install_ctrlc_handler() -> Result<()> {
+    ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            eprintln!("\ninterrupted twice: exiting without saving");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing the current step, then saving (Ctrl-C again to abort)");
+    })
+    .context("cannot install the Ctrl-C handler")
+}
+
+/// What to train and where.
+#[derive(Clone, Debug)]
+pub struct TrainRun {
+    pub config: TrainConfig,
+    /// Dataset folder (ISIC 2019 or plain layout).
+    pub data: PathBuf,
+    /// Run folder: checkpoints, history, plots, resolved config.
+    pub out: PathBuf,
+    /// Continue from `out/last.safetensors`.
+    pub resume: bool,
+    /// No progress bars; one log line per epoch.
+    pub quiet: bool,
+    /// Stop (saving, as on Ctrl-C) after this many optimizer steps in this process: for tests of resumption.
+    pub stop_after_steps: Option<usize>,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainOutcome {
+    pub epochs_completed: usize,
+    pub interrupted: bool,
+    pub early_stopped: bool,
+    pub best_val_acc: Option<f64>,
+    pub last: Option<EpochRecord>,
+    pub run_dir: PathBuf,
+}
+
+/// Validation results.
+pub struct Evaluation {
+    pub loss: f64,
+    pub report: Report,
+    pub y_true: Vec<usize>,
+    pub y_pred: Vec<usize>,
+    /// Softmax probabilities `[N, C]`.
+    pub probs: Vec<f32>,
+}
+
+fn loss_kind(cfg: &TrainConfig) -> LossKind {
+    match cfg.loss {
+        CfgLoss::Focal => LossKind::Focal { gamma: cfg.focal_gamma },
+        CfgLoss::Ce => LossKind::CrossEntropy,
+    }
+}
+
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Runs the model in eval mode over `indices` of `data` and scores it.
+pub fn evaluate(
+    model: &mut EfficientNet<f32>,
+    data: &Arc<PreparedData>,
+    indices: &[usize],
+    batch_size: usize,
+    image_size: usize,
+    alpha: Option<&[f32]>,
+    kind: &LossKind,
+) -> Result<Evaluation> {
+    if indices.is_empty() {
+        bail!("nothing to evaluate: the split is empty");
+    }
+    let classes = model.config.num_classes;
+    let cfg = LoaderConfig::eval(batch_size, image_size as u32);
+    let loader = Loader::new(data.clone(), indices.to_vec(), cfg)?;
+    let (mut loss_sum, mut n) = (0.0, 0usize);
+    let (mut y_true, mut y_pred, mut probs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut rng = Pcg64::seed_from_u64(0);
+    for batch in loader.epoch(0) {
+        let batch = batch?;
+        let b = batch.labels.len();
+        let mut tape = Tape::inference();
+        let x = tape.constant(Array::new(&[b, batch.size, batch.size, 3], batch.images)?);
+        let mut ctx = Ctx { train: false, dropout: false, stochastic_depth: false, frozen_bn_eval: true, rng: &mut rng };
+        let logits = model.forward(&mut tape, x, &mut ctx)?;
+        let l = loss::loss(&mut tape, logits, &batch.labels, alpha, kind)?;
+        loss_sum += tape.value(l).data[0] as f64 * b as f64;
+        n += b;
+        let lv = &tape.value(logits).data;
+        for (row, &t) in lv.chunks(classes).zip(&batch.labels) {
+            y_pred.push(argmax(row));
+            y_true.push(t);
+        }
+        probs.extend(softmax_rows(lv, classes).into_iter().map(|p| p as f32));
+    }
+    let report = compute_report(&y_true, &y_pred, Some(&probs), classes)?;
+    Ok(Evaluation { loss: loss_sum / n as f64, report, y_true, y_pred, probs })
+}
+
+fn resolve_device(cfg: &TrainConfig) -> Result<()> {
+    let request = match cfg.device {
+        DeviceChoice::Auto => DeviceRequest::Auto,
+        DeviceChoice::Cpu => DeviceRequest::Cpu,
+        DeviceChoice::Cuda(n) => DeviceRequest::Cuda(n),
+    };
+    match (cuda::select(request)?, cfg.device) {
+        (Selected::Cpu, _) => {}
+        (Selected::Cuda(g), DeviceChoice::Auto) => {
+            eprintln!("note: training on the CPU: derma's CUDA training path is not wired yet ({} left idle)", g.name)
+        }
+        (Selected::Cuda(g), _) => {
+            bail!("training on CUDA ({}) is not available yet: the CUDA training path is not wired; use --device cpu", g.name)
+        }
+    }
+    if cfg.precision == Precision::F16 {
+        bail!("precision f16 (mixed precision with loss scaling) needs the CUDA path; the CPU trains in f32");
+    }
+    Ok(())
+}
+
+fn class_weights(cfg: &TrainConfig, data: &PreparedData) -> Result<Vec<f32>> {
+    let c = data.class_names.len();
+    Ok(match (&cfg.class_weights, cfg.class_weighting) {
+        (Some(w), _) => {
+            if w.len() != c {
+                bail!("class_weights has {} values for {c} classes ({})", w.len(), data.class_names.join(", "));
+            }
+            w.iter().map(|&v| v as f32).collect()
+        }
+        (None, ClassWeighting::Balanced) => data.class_weights.clone(),
+        (None, ClassWeighting::Uniform) => vec![1.0; c],
+    })
+}
+
+fn step_rng(seed: u64, epoch: usize, step: usize) -> Pcg64 {
+    Pcg64::seed_from_u64(split_mix(split_mix(seed ^ 0xD50_0000 ^ epoch as u64) ^ step as u64))
+}
+
+/// Trains as configured; see the module docs.
+pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
+    let cfg = &run.config;
+    resolve_device(cfg)?;
+    std::fs::create_dir_all(&run.out).with_context(|| format!("cannot create run folder {}", run.out.display()))?;
+    let last_path = run.out.join("last.safetensors");
+    let best_path = run.out.join("best.safetensors");
+
+    let prepared = Arc::new(data::prepare(&PrepareOptions {
+        data: run.data.clone(),
+        cache: None,
+        size: cfg.image_size as u32,
+        val_fraction: cfg.val_fraction,
+        seed: cfg.seed,
+        quiet: run.quiet,
+    })?);
+    if !run.quiet {
+        eprintln!(
+            "data: {} usable of {} rows ({} excluded), {} train / {} val, classes {}",
+            prepared.summary.usable,
+            prepared.summary.rows,
+            prepared.summary.excluded.len(),
+            prepared.train.len(),
+            prepared.val.len(),
+            prepared.class_names.join(" ")
+        );
+    }
+    let class_names = prepared.class_names.clone();
+    let classes = class_names.len();
+    if prepared.train.len() < cfg.batch_size {
+        bail!(
+            "the training split has {} images, fewer than one batch of {}: lower --batch-size or add data",
+            prepared.train.len(),
+            cfg.batch_size
+        );
+    }
+
+    let mut adamw = AdamW::new(cfg.adamw())?;
+    let (mut model, mut state) = if run.resume {
+        let loaded = checkpoint::load(&last_path).with_context(|| format!("cannot resume from {}", run.out.display()))?;
+        if loaded.class_names != class_names {
+            bail!(
+                "{} was trained on classes {:?}, the data has {:?}",
+                last_path.display(),
+                loaded.class_names,
+                class_names
+            );
+        }
+        let state = loaded.state.clone().with_context(|| format!("{} holds no training state", last_path.display()))?;
+        loaded.restore_optimizer(&mut adamw)?;
+        (loaded.model, state)
+    } else {
+        let mut mc = ModelConfig::b0(classes, HeadKind::Seed);
+        mc.seed_dropout = (cfg.head_dropout1, cfg.head_dropout2);
+        mc.stochastic_depth_prob = cfg.stochastic_depth;
+        let mut model = EfficientNet::<f32>::new(mc, cfg.seed);
+        match &cfg.pretrained {
+            Some(p) => {
+                let ckpt = crate::io::load_checkpoint(p)?;
+                model.load_backbone(ckpt.state_dict.entries()).with_context(|| format!("pretrained weights {}", p.display()))?;
+            }
+            None => eprintln!(
+                "warning: no --pretrained weights: the backbone starts from random initialisation (the seed fine-tunes \
+                 ImageNet weights; pass torchvision's efficientnet_b0 .pth)"
+            ),
+        }
+        let state = TrainState {
+            epoch: 0,
+            progress: EpochProgress::default(),
+            adam_steps: Default::default(),
+            plateau: ReduceLrOnPlateau::new(cfg.plateau, &[cfg.lr])?,
+            early: EarlyStopping::new(cfg.early_stopping)?,
+            scaler: GradScaler::disabled(),
+            history: History::new(),
+            best_val_acc: None,
+            class_weights: class_weights(cfg, &prepared)?,
+        };
+        (model, state)
+    };
+    cfg.save(&run.out.join("config.toml"))?;
+    let alpha = state.class_weights.clone();
+    let kind = loss_kind(cfg);
+    let workers = cfg.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(6));
+    let mut lcfg = LoaderConfig::train(cfg.batch_size, cfg.image_size as u32, cfg.seed);
+    lcfg.workers = workers;
+    let loader = Loader::new(prepared.clone(), prepared.train.clone(), lcfg)?;
+    let steps_per_epoch = loader.batches_per_epoch();
+    let mut steps_this_process = 0usize;
+    let mut early_stopped = false;
+    plots::register_font()?;
+
+    while state.epoch < cfg.epochs {
+        let epoch = state.epoch;
+        let stage = cfg.unfreeze.stage_for_epoch(epoch);
+        model.freeze_blocks(stage.frozen_blocks)?;
+        if state.progress.step == 0 && cfg.unfreeze.is_transition(epoch) && cfg.early_stopping.reset_on_stage_change {
+            state.early.reset_patience();
+        }
+        let lr = state.plateau.lr();
+        let backbone_lr = lr * stage.lr_multiplier;
+        let bar = progress_bar(run.quiet, steps_per_epoch, epoch, cfg.epochs);
+        bar.set_position(state.progress.step as u64);
+        let t0 = Instant::now();
+        let first = state.progress.step;
+        for (step, batch) in loader.epoch(epoch as u64).enumerate().skip(first) {
+            let batch = batch?;
+            let b = batch.labels.len();
+            let mut rng = step_rng(cfg.seed, epoch, step);
+            let mut tape = Tape::new();
+            let x = tape.constant(Array::new(&[b, batch.size, batch.size, 3], batch.images)?);
+            let mut ctx = Ctx {
+                train: true,
+                dropout: true,
+                stochastic_depth: true,
+                frozen_bn_eval: cfg.bn_frozen_mode == BnFrozenMode::FrozenEval,
+                rng: &mut rng,
+            };
+            let logits = model.forward(&mut tape, x, &mut ctx)?;
+            let l = loss::loss(&mut tape, logits, &batch.labels, Some(&alpha), &kind)?;
+            let lv = tape.value(l).data[0];
+            if !lv.is_finite() {
+                bail!("the training loss became {lv} at epoch {epoch} step {step}: lower the learning rate");
+            }
+            for (row, &t) in tape.value(logits).data.chunks(classes).zip(&batch.labels) {
+                state.progress.correct += usize::from(argmax(row) == t);
+            }
+            tape.backward(l, &mut model.params)?;
+            drop(tape);
+            let found_inf = {
+                let mut grads: Vec<&mut [f32]> =
+                    model.params.iter_mut().filter_map(|p| p.grad.as_mut().map(|g| g.data.as_mut_slice())).collect();
+                state.scaler.unscale_and_check(&mut grads)
+            };
+            if !found_inf {
+                for p in model.params.iter_mut() {
+                    let Some(g) = p.grad.take() else { continue };
+                    let plr = if p.name.starts_with("classifier.") { lr } else { backbone_lr };
+                    adamw.step_one(&p.name, &mut p.value.data, &g.data, plr)?;
+                }
+            }
+            model.params.iter_mut().for_each(|p| p.grad = None);
+            state.scaler.update(found_inf);
+            state.progress.step = step + 1;
+            state.progress.loss_sum += lv as f64 * b as f64;
+            state.progress.seen += b;
+            steps_this_process += 1;
+            let secs = state.progress.seconds + t0.elapsed().as_secs_f64();
+            bar.set_message(format!(
+                "loss {:.4}  acc {:.3}  {:.1} img/s",
+                state.progress.loss_sum / state.progress.seen as f64,
+                state.progress.correct as f64 / state.progress.seen as f64,
+                (state.progress.seen as f64) / secs.max(1e-9)
+            ));
+            bar.inc(1);
+            if STOP.load(Ordering::SeqCst) || run.stop_after_steps.is_some_and(|n| steps_this_process >= n) {
+                state.progress.seconds = secs;
+                bar.abandon_with_message("interrupted");
+                checkpoint::save(&last_path, &model, &adamw, &state, cfg, &class_names, cfg.image_size)?;
+                eprintln!("saved {} at epoch {epoch} step {}; continue with --resume", last_path.display(), step + 1);
+                return Ok(outcome(&state, true, false, &run.out));
+            }
+        }
+        let train_seconds = state.progress.seconds + t0.elapsed().as_secs_f64();
+        bar.finish_and_clear();
+        let ev = evaluate(&mut model, &prepared, &prepared.val, cfg.batch_size, cfg.image_size, Some(&alpha), &kind)?;
+        let p = &state.progress;
+        let record = EpochRecord {
+            epoch,
+            train_loss: p.loss_sum / p.seen.max(1) as f64,
+            train_acc: p.correct as f64 / p.seen.max(1) as f64,
+            val_loss: ev.loss,
+            val_acc: ev.report.accuracy,
+            val_balanced_acc: ev.report.balanced_accuracy,
+            frozen_layers: stage.frozen_blocks,
+            lr_multiplier: stage.lr_multiplier,
+            lr,
+            loss_scale: state.scaler.scale() as f64,
+            seconds: train_seconds,
+            images_per_s: p.seen as f64 / train_seconds.max(1e-9),
+        };
+        state.plateau.step(record.val_acc);
+        let decision = state.early.update(epoch, record.val_acc);
+        state.history.push(record.clone())?;
+        state.history.write_files(&run.out)?;
+        plots::write_plots(&run.out, &state.history, Some(&ev.report), &class_names)?;
+        log_epoch(&record, cfg.epochs, run.quiet);
+        state.epoch += 1;
+        state.progress = EpochProgress::default();
+        if decision.improved || state.best_val_acc.is_none() {
+            state.best_val_acc = Some(record.val_acc);
+            checkpoint::save(&best_path, &model, &adamw, &state, cfg, &class_names, cfg.image_size)?;
+        }
+        checkpoint::save(&last_path, &model, &adamw, &state, cfg, &class_names, cfg.image_size)?;
+        if decision.stop {
+            eprintln!("early stopping: validation accuracy has not improved for {} epochs", cfg.early_stopping.patience);
+            early_stopped = true;
+            break;
+        }
+    }
+    Ok(outcome(&state, false, early_stopped, &run.out))
+}
+
+fn outcome(state: &TrainState, interrupted: bool, early_stopped: bool, dir: &Path) -> TrainOutcome {
+    TrainOutcome {
+        epochs_completed: state.epoch,
+        interrupted,
+        early_stopped,
+        best_val_acc: state.best_val_acc,
+        last: state.history.epochs.last().cloned(),
+        run_dir: dir.to_path_buf(),
+    }
+}
+
+fn progress_bar(quiet: bool, steps: usize, epoch: usize, epochs: usize) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(steps as u64);
+    let style = ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})")
+        .map(|s| s.progress_chars("=> "))
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_prefix(format!("{}/{epochs}", epoch + 1));
+    bar
+}
+
+fn log_epoch(r: &EpochRecord, epochs: usize, _quiet: bool) {
+    eprintln!(
+        "epoch {}/{epochs}: train loss {:.4} acc {:.3} | val loss {:.4} acc {:.3} bal {:.3} | frozen {} lr {:.2e}×{} | {:.1}s {:.1} img/s",
+        r.epoch + 1,
+        r.train_loss,
+        r.train_acc,
+        r.val_loss,
+        r.val_acc,
+        r.val_balanced_acc,
+        r.frozen_layers,
+        r.lr,
+        r.lr_multiplier,
+        r.seconds,
+        r.images_per_s
+    );
+}
