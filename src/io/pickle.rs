@@ -1046,7 +1046,7 @@ fn gather<T: Copy>(src: &[T], offset: usize, size: &[usize], stride: &[usize]) -
 }
 
 fn set_pairs(d: &RefCell<DictObj>, items: Vec<Obj>) -> Result<()> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         bail!("SETITEMS with an odd number ({}) of stack items", items.len());
     }
     let mut it = items.into_iter();
