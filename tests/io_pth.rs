@@ -264,6 +264,9 @@ fn out_of_range_views_are_errors() {
         let err = format!("{:#}", unpickle(&tensor_pickle(12, offset, &size, &stride), read).unwrap_err());
         assert!(err.contains("storage holds 12 elements"), "{err}");
     }
+    // A stride-0 view that would expand one storage into terabytes.
+    let err = format!("{:#}", unpickle(&tensor_pickle(12, 0, &[1 << 20, 1 << 20], &[0, 0]), read).unwrap_err());
+    assert!(err.contains("refusing to expand"), "{err}");
     // Rank mismatch between size and stride.
     let err = format!("{:#}", unpickle(&tensor_pickle(12, 0, &[3], &[1, 1]), read).unwrap_err());
     assert!(err.contains("differ in rank"), "{err}");
@@ -295,6 +298,18 @@ fn hostile_hand_written_pickles_are_refused() {
         let err = format!("{:#}", unpickle(&p, none).unwrap_err());
         assert!(err.contains(want), "{want}: {err}");
     }
+}
+
+#[test]
+fn exponential_sharing_is_refused() {
+    // x = 1; 40 times: x = (x, x)  -> 2^40 leaves if copied naively.
+    let mut p = b"\x80\x02K\x01q\x00".to_vec();
+    for _ in 0..40 {
+        p.extend(b"h\x00h\x00\x86q\x00");
+    }
+    p.push(b'.');
+    let err = format!("{:#}", unpickle(&p, |_: &str, _: usize| Ok(vec![])).unwrap_err());
+    assert!(err.contains("expands"), "{err}");
 }
 
 fn fixture_pickle() -> Vec<u8> {
