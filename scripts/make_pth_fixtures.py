@@ -14,8 +14,8 @@ Files written:
   legacy.pth             the pre-1.6 (non-zip) torch.save format, to check that it is refused clearly.
   hostile.pth            a torch.save-shaped zip whose pickle calls os.system: a reader must refuse it.
   reference.safetensors  the plain state dict written by safetensors.torch.save_file, when safetensors is importable.
-  expected.json          every tensor of the files above: dtype, shape and elements (row-major, exact values), plus
-                         the checkpoint's metadata.
+  expected.json          every tensor of the files above: dtype, shape and elements (row-major; float elements also
+                         as the hex bit patterns of their f64 values, exact), plus the checkpoint's metadata.
 """
 
 import collections
@@ -23,6 +23,7 @@ import json
 import math
 import os
 import pickle
+import struct
 import sys
 import zipfile
 
@@ -45,11 +46,20 @@ def elements(t):
     return out
 
 
+def f64_bits(t):
+    """IEEE-754 bit patterns of the elements widened to f64, as hex: JSON readers need not round-trip floats."""
+    flat = t.detach().contiguous().reshape(-1).to(torch.float64).tolist()
+    return ["%016x" % struct.unpack("<Q", struct.pack("<d", v))[0] for v in flat]
+
+
 def describe(sd):
-    return [
-        {"name": k, "dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape), "values": elements(v)}
-        for k, v in sd.items()
-    ]
+    out = []
+    for k, v in sd.items():
+        d = {"name": k, "dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape), "values": elements(v)}
+        if v.is_floating_point():
+            d["f64_bits"] = f64_bits(v)
+        out.append(d)
+    return out
 
 
 def plain_state_dict():

@@ -85,6 +85,7 @@ impl Value {
         }
     }
 
+    /// The text when this is a str.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::Str(s) => Some(s),
@@ -92,6 +93,7 @@ impl Value {
         }
     }
 
+    /// The tensor when this is one.
     pub fn as_tensor(&self) -> Option<&Tensor> {
         match self {
             Value::Tensor(t) => Some(t),
@@ -136,7 +138,7 @@ impl Value {
 
 /// Element type of a torch storage, named by its legacy class (`torch.FloatStorage`, ...).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StorageKind {
+enum StorageKind {
     F32,
     F16,
     BF16,
@@ -167,7 +169,7 @@ impl StorageKind {
     }
 
     /// Bytes per element in the file.
-    pub fn size(self) -> usize {
+    fn size(self) -> usize {
         match self {
             Self::F64 | Self::I64 => 8,
             Self::F32 | Self::I32 => 4,
@@ -362,8 +364,9 @@ fn dict_set(d: &RefCell<DictObj>, k: Obj, v: Obj) -> Result<()> {
 const EXTRA_TENSOR_BYTES: usize = 1 << 30;
 /// Deepest nesting of containers converted to [`Value`].
 const MAX_DEPTH: usize = 256;
-/// Most values the output may hold (guards against exponential sharing through the memo).
-const MAX_NODES: usize = 50_000_000;
+/// Values the output may hold beyond two per pickle byte. Every opcode byte makes at most one new object, so only
+/// repeated references through the memo can exceed this (a hostile file can nest them to multiply exponentially).
+const EXTRA_NODES: usize = 1_000_000;
 
 struct Machine<'a, F> {
     data: &'a [u8],
@@ -396,20 +399,20 @@ pub fn unpickle<F: FnMut(&str, usize) -> Result<Vec<u8>>>(data: &[u8], read_stor
     // Drop every other reference so that singly-owned objects move into the output instead of being copied.
     let Machine { stack, marks, memo, storages, .. } = m;
     drop((stack, marks, memo, storages));
-    let mut nodes = 0usize;
-    into_value(result, 0, &mut nodes)
+    // Counts down; conversion fails when it runs out.
+    let mut budget = data.len().saturating_mul(2).saturating_add(EXTRA_NODES);
+    into_value(result, 0, &mut budget)
 }
 
-fn into_value(o: Obj, depth: usize, nodes: &mut usize) -> Result<Value> {
-    *nodes += 1;
+fn into_value(o: Obj, depth: usize, budget: &mut usize) -> Result<Value> {
     if depth > MAX_DEPTH {
         bail!("pickle nests containers more than {MAX_DEPTH} deep (or refers to itself)");
     }
-    if *nodes > MAX_NODES {
-        bail!("pickle expands to more than {MAX_NODES} values (shared references multiply); refusing");
-    }
-    let conv = |items: Vec<Obj>, nodes: &mut usize| -> Result<Vec<Value>> {
-        items.into_iter().map(|o| into_value(o, depth + 1, nodes)).collect()
+    *budget = budget
+        .checked_sub(1)
+        .ok_or_else(|| anyhow!("pickle expands to far more values than it has bytes (shared references multiply)"))?;
+    let conv = |items: Vec<Obj>, budget: &mut usize| -> Result<Vec<Value>> {
+        items.into_iter().map(|o| into_value(o, depth + 1, budget)).collect()
     };
     Ok(match o {
         Obj::None => Value::None,
@@ -423,9 +426,9 @@ fn into_value(o: Obj, depth: usize, nodes: &mut usize) -> Result<Value> {
                 Ok(cell) => cell.into_inner(),
                 Err(shared) => shared.borrow().clone(),
             };
-            Value::List(conv(items, nodes)?)
+            Value::List(conv(items, budget)?)
         }
-        Obj::Tuple(t) => Value::Tuple(conv(t.to_vec(), nodes)?),
+        Obj::Tuple(t) => Value::Tuple(conv(t.to_vec(), budget)?),
         Obj::Dict(d) => {
             let items = match Rc::try_unwrap(d) {
                 Ok(cell) => cell.into_inner().items,
@@ -433,7 +436,7 @@ fn into_value(o: Obj, depth: usize, nodes: &mut usize) -> Result<Value> {
             };
             let mut out = Vec::with_capacity(items.len());
             for (k, v) in items {
-                out.push((into_value(k, depth + 1, nodes)?, into_value(v, depth + 1, nodes)?));
+                out.push((into_value(k, depth + 1, budget)?, into_value(v, depth + 1, budget)?));
             }
             Value::Dict(out)
         }
@@ -1046,7 +1049,7 @@ fn gather<T: Copy>(src: &[T], offset: usize, size: &[usize], stride: &[usize]) -
 }
 
 fn set_pairs(d: &RefCell<DictObj>, items: Vec<Obj>) -> Result<()> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         bail!("SETITEMS with an odd number ({}) of stack items", items.len());
     }
     let mut it = items.into_iter();

@@ -13,6 +13,9 @@ use super::pickle::{Value, unpickle};
 /// First bytes of a zip archive (local file header).
 pub const ZIP_MAGIC: &[u8; 4] = b"PK\x03\x04";
 
+/// A state dict's pickle is a few hundred bytes per tensor; anything near this is not a weight file.
+const MAX_PICKLE_BYTES: usize = 1 << 30;
+
 /// Reads a torch.save file into a [`Value`] tree (tensors materialised on the CPU). Refuses any pickle global
 /// outside the allow-list of [`super::pickle`]; never runs code from the file.
 pub fn load_pth(path: &Path) -> Result<Value> {
@@ -52,7 +55,7 @@ pub fn load_pth_bytes(bytes: &[u8]) -> Result<Value> {
         }
     }
 
-    let pickle = read_entry(&mut zip, &pkl, usize::MAX).with_context(|| format!("reading {pkl}"))?;
+    let pickle = read_entry(&mut zip, &pkl, MAX_PICKLE_BYTES).with_context(|| format!("reading {pkl}"))?;
     let read_storage = |key: &str, nbytes: usize| -> Result<Vec<u8>> {
         if key.contains('/') || key.contains("..") {
             bail!("storage key {key:?} is not a plain name");
@@ -73,7 +76,8 @@ fn read_entry(zip: &mut ZipArchive<Cursor<&[u8]>>, name: &str, limit: usize) -> 
     if size > limit as u64 {
         bail!("entry {name} holds {size} bytes, expected at most {limit}");
     }
-    let mut out = Vec::with_capacity(size as usize);
+    // The header's size is only a hint: cap the up-front allocation so a lying header cannot exhaust memory.
+    let mut out = Vec::with_capacity((size as usize).min(1 << 26));
     // `take` also bounds entries whose header under-states their size.
     entry
         .take(limit.saturating_add(1) as u64)

@@ -19,6 +19,7 @@ pub struct StateDict {
 }
 
 impl StateDict {
+    /// An empty dict.
     pub fn new() -> Self {
         Self::default()
     }
@@ -36,14 +37,17 @@ impl StateDict {
         }
     }
 
+    /// The tensor named `name`.
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.index.get(name).map(|&i| &self.entries[i].1)
     }
 
+    /// The tensor named `name`, mutably.
     pub fn get_mut(&mut self, name: &str) -> Option<&mut Tensor> {
         self.index.get(name).map(|&i| &mut self.entries[i].1)
     }
 
+    /// Whether an entry is named `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
@@ -60,10 +64,12 @@ impl StateDict {
         Some(t)
     }
 
+    /// Number of entries.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// True when there are no entries.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
