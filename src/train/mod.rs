@@ -3,6 +3,7 @@
 //! PyTorch semantics of the seed pipeline; the training loop composes them.
 
 pub mod adamw;
+pub mod checkpoint_meta;
 pub mod config;
 pub mod early_stop;
 pub mod history;
