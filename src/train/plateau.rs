@@ -151,9 +151,10 @@ impl ReduceLrOnPlateau {
         &self.lrs
     }
 
-    /// The first group's learning rate (the base lr when one group is managed).
+    /// The first group's learning rate (the base lr when one group is managed). NaN only for a state read from
+    /// a corrupt checkpoint with no groups, which the optimizer then rejects.
     pub fn lr(&self) -> f64 {
-        self.lrs[0]
+        self.lrs.first().copied().unwrap_or(f64::NAN)
     }
 
     /// Best metric seen so far (`None` before the first step).

@@ -376,6 +376,9 @@ pub fn plot_confusion(report: &Report, class_names: &[String], path: &Path) -> R
     if c == 0 {
         bail!("the report has no classes to plot");
     }
+    if c > 64 || report.confusion_normalized.len() != c {
+        bail!("cannot draw a confusion heatmap for {c} classes (at most 64, with a C×C matrix)");
+    }
     let names = names_for(report, class_names);
     let cell: i32 = (620 / c as i32).clamp(36, 110);
     let left = 170i32;
