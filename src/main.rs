@@ -101,7 +101,7 @@ struct ForwardArgs {
 
 fn load_model(path: &std::path::Path) -> Result<EfficientNet<f32>> {
     let ckpt = io::load_checkpoint(path)?;
-    EfficientNet::from_state_dict(ckpt.state_dict.entries()).with_context(|| format!("loading {}", path.display()))
+    EfficientNet::from_state_dict(&ckpt.state_dict).with_context(|| format!("loading {}", path.display()))
 }
 
 /// Resolves `--device` for a command whose computation runs on the CPU reference backend only (so far).
@@ -145,9 +145,9 @@ fn run_model(cmd: ModelCmd) -> Result<()> {
         }
         ModelCmd::Export(a) => {
             let model = load_model(&a.weights)?;
-            let sd = model.state_dict().into_iter().collect();
+            let sd = model.state_dict();
             io::save_safetensors(&a.out, &sd, None).with_context(|| format!("writing {}", a.out.display()))?;
-            eprintln!("wrote {} tensors to {}", model.state_dict().len(), a.out.display());
+            eprintln!("wrote {} tensors to {}", sd.len(), a.out.display());
             Ok(())
         }
     }

@@ -22,7 +22,7 @@ fn b0_matches_torchvision_counts() {
     assert_eq!(sd.len(), 360);
     assert_eq!(m.params.len(), 213);
     assert_eq!(m.block_params.len(), FEATURE_BLOCKS);
-    let names: Vec<&str> = sd.iter().map(|(k, _)| k.as_str()).collect();
+    let names: Vec<&str> = sd.names().collect();
     for k in [
         "features.0.0.weight",
         "features.0.1.num_batches_tracked",
@@ -36,7 +36,7 @@ fn b0_matches_torchvision_counts() {
     ] {
         assert!(names.contains(&k), "missing {k}");
     }
-    let shape = |k: &str| sd.iter().find(|(n, _)| n == k).unwrap().1.shape.clone();
+    let shape = |k: &str| sd.get(k).unwrap().shape.clone();
     assert_eq!(shape("features.8.0.weight"), vec![1280, 320, 1, 1]);
     assert_eq!(shape("features.2.0.block.1.0.weight"), vec![96, 1, 3, 3]);
     // SE squeezes from the block's input width: 16 / 4 = 4 in features.2.0.
@@ -135,11 +135,13 @@ fn state_dict_roundtrip_reproduces_outputs() {
     assert_eq!(run(&mut a), run(&mut b));
     // A wrong shape and a stray key are both listed.
     let mut bad = sd.clone();
-    bad.retain(|(k, _)| k != "features.3.1.block.0.0.weight");
-    bad[0].1.shape = vec![32, 3, 3, 1];
-    bad.push(("extra.weight".into(), bad[1].1.clone()));
+    bad.remove("features.3.1.block.0.0.weight");
+    bad.get_mut("features.0.0.weight").unwrap().shape = vec![32, 3, 3, 1];
+    let extra = bad.get("features.0.1.weight").unwrap().clone();
+    bad.insert("extra.weight", extra);
     let err = format!("{:#}", b.load_state_dict(&bad).unwrap_err());
-    assert!(err.contains("missing (1): features.3.1.block.0.0.weight"), "{err}");
-    assert!(err.contains("unexpected (1): extra.weight"), "{err}");
+    assert!(err.contains("1 missing, 1 unexpected, 1 with the wrong shape"), "{err}");
+    assert!(err.contains("missing: features.3.1.block.0.0.weight [240, 40, 1, 1]"), "{err}");
+    assert!(err.contains("unexpected: extra.weight [32]"), "{err}");
     assert!(err.contains("features.0.0.weight: file [32, 3, 3, 1], model [32, 3, 3, 3]"), "{err}");
 }

@@ -26,7 +26,7 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
 fn check_fixture(name: &str, weights: &str, head: HeadKind) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity").join(name);
     let ckpt = io::load_checkpoint(&dir.join(weights)).unwrap();
-    let mut model = EfficientNet::<f32>::from_state_dict(ckpt.state_dict.entries()).unwrap();
+    let mut model = EfficientNet::<f32>::from_state_dict(&ckpt.state_dict).unwrap();
     assert_eq!(model.config.head, head);
     let inputs: Vec<(String, Tensor)> = load(&dir, "input.safetensors").into_iter().collect();
 

@@ -43,7 +43,9 @@ fn compare(what: &str, idx: usize, analytic: f64, numeric: f64, tol: Tolerance, 
     let err = (analytic - numeric).abs();
     rep.checked += 1;
     rep.max_abs_err = rep.max_abs_err.max(err);
-    if !(err <= tol.atol + tol.rtol * numeric.abs()) {
+    // Written so that a NaN on either side fails too.
+    let ok = err <= tol.atol + tol.rtol * numeric.abs();
+    if !ok {
         bail!("{what}[{idx}]: analytic {analytic:e} vs numeric {numeric:e} (|Δ| {err:e})");
     }
     Ok(())

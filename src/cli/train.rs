@@ -90,13 +90,13 @@ fn parse_bn(s: &str) -> Result<BnFrozenMode, String> {
 fn demo_config(mut c: TrainConfig) -> Result<TrainConfig> {
     c.image_size = 64;
     c.batch_size = 16;
-    c.epochs = 8;
-    c.lr = 2e-3;
+    c.epochs = 7;
+    c.lr = 1e-3;
     c.head_dropout1 = 0.2;
     c.head_dropout2 = 0.2;
     c.unfreeze = UnfreezeSchedule::new(vec![
-        Stage { epoch: 0, frozen_blocks: 5, lr_multiplier: 1.0 },
-        Stage { epoch: 3, frozen_blocks: 0, lr_multiplier: 0.5 },
+        Stage { epoch: 0, frozen_blocks: 3, lr_multiplier: 1.0 },
+        Stage { epoch: 2, frozen_blocks: 0, lr_multiplier: 1.0 },
     ])?;
     c.early_stopping.patience = 0;
     Ok(c)
@@ -149,15 +149,25 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         (None, true) => {
             let synthetic = out.join("synthetic-data");
             if !synthetic.exists() {
-                bail!("--resume {} needs --data: the run was not trained on the embedded synthetic data", out.display());
+                bail!(
+                    "--resume {} needs --data: the run was not trained on the embedded synthetic data",
+                    out.display()
+                );
             }
             synthetic
         }
         (None, false) => {
             let dir = out.join("synthetic-data");
             eprintln!("no --data: writing a synthetic ISIC 2019-layout dataset to {}", dir.display());
-            let s = synth(&SynthOptions { out: dir.clone(), n: 1200, seed: cfg.seed, faults: false, width: 160, height: 120 })
-                .context("making the synthetic dataset")?;
+            let s = synth(&SynthOptions {
+                out: dir.clone(),
+                n: 1200,
+                seed: cfg.seed,
+                faults: false,
+                width: 160,
+                height: 120,
+            })
+            .context("making the synthetic dataset")?;
             eprintln!("{} images, classes {:?}", s.rows, s.class_counts);
             dir
         }

@@ -8,6 +8,7 @@
 use super::init::{kaiming_normal_fan_out, uniform};
 use super::{BatchNorm, Conv2d, Ctx, Layout, Linear, Registry, maybe_dropout};
 use crate::autograd::{ParamId, ParamStore, Tape, Var};
+use crate::io::{StateDict, check_keys};
 use crate::ops::activation::{self, Act};
 use crate::ops::batchnorm::{BnCfg, BnState};
 use crate::ops::conv::ConvCfg;
@@ -538,52 +539,53 @@ impl<T: Float> EfficientNet<T> {
     }
 
     /// The state dict in PyTorch layout: f32 parameters and running statistics, i64 `num_batches_tracked`.
-    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::new();
+    pub fn state_dict(&self) -> StateDict {
+        let mut out = StateDict::new();
         for (p, &l) in self.params.iter().zip(&self.layouts) {
             let (shape, data) = to_torch(l, &p.value);
-            out.push((
+            out.insert(
                 p.name.clone(),
                 Tensor { shape, storage: Storage::F32(data), device: crate::tensor::Device::Cpu },
-            ));
+            );
         }
         for (name, bn) in self.bn_names.iter().zip(self.batch_norms()) {
             let c = bn.state.running_mean.len();
             let f = |v: &[T]| Storage::F32(v.iter().map(|x| x.as_f64() as f32).collect());
             let cpu = crate::tensor::Device::Cpu;
-            out.push((
+            out.insert(
                 format!("{name}.running_mean"),
                 Tensor { shape: vec![c], storage: f(&bn.state.running_mean), device: cpu },
-            ));
-            out.push((
+            );
+            out.insert(
                 format!("{name}.running_var"),
                 Tensor { shape: vec![c], storage: f(&bn.state.running_var), device: cpu },
-            ));
-            out.push((
+            );
+            out.insert(
                 format!("{name}.num_batches_tracked"),
                 Tensor { shape: vec![], storage: Storage::I64(vec![bn.state.num_batches_tracked]), device: cpu },
-            ));
+            );
         }
         out
     }
 
     /// Loads a state dict with exactly this model's keys. Every missing, unexpected or mis-shaped key is listed
     /// in one error; nothing is changed unless all fit.
-    pub fn load_state_dict(&mut self, sd: &[(String, Tensor)]) -> Result<()> {
+    pub fn load_state_dict(&mut self, sd: &StateDict) -> Result<()> {
         self.load_filtered(sd, |_| true)
     }
 
     /// Loads only the backbone (`features.*`) from a state dict, ignoring its classifier (for pretrained
     /// ImageNet weights under a different head).
-    pub fn load_backbone(&mut self, sd: &[(String, Tensor)]) -> Result<()> {
-        let backbone: Vec<(String, Tensor)> = sd.iter().filter(|(k, _)| k.starts_with("features.")).cloned().collect();
+    pub fn load_backbone(&mut self, sd: &StateDict) -> Result<()> {
+        let backbone: StateDict =
+            sd.iter().filter(|(k, _)| k.starts_with("features.")).map(|(k, t)| (k.to_string(), t.clone())).collect();
         self.load_filtered(&backbone, |k| k.starts_with("features."))
     }
 
-    fn load_filtered(&mut self, sd: &[(String, Tensor)], wanted: impl Fn(&str) -> bool) -> Result<()> {
+    fn load_filtered(&mut self, sd: &StateDict, wanted: impl Fn(&str) -> bool) -> Result<()> {
         let expected: Vec<(String, Vec<usize>)> = self.expected_keys().into_iter().filter(|(k, _)| wanted(k)).collect();
         check_keys(sd, &expected)?;
-        let given: HashMap<&str, &Tensor> = sd.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        let given: HashMap<&str, &Tensor> = sd.iter().collect();
         for id in 0..self.params.len() {
             let name = self.params.get(id).name.clone();
             if let Some(t) = given.get(name.as_str()) {
@@ -608,7 +610,7 @@ impl<T: Float> EfficientNet<T> {
 
     /// Reads the architecture off a state dict's shapes (head, class count, width and depth multipliers) and
     /// loads it. Named variants keep their batch-norm constants; other multipliers get B0's.
-    pub fn from_state_dict(sd: &[(String, Tensor)]) -> Result<Self> {
+    pub fn from_state_dict(sd: &StateDict) -> Result<Self> {
         let cfg = infer_config(sd)?;
         let mut m = Self::new(cfg, 0);
         m.load_state_dict(sd)?;
@@ -617,8 +619,8 @@ impl<T: Float> EfficientNet<T> {
 }
 
 /// The [`ModelConfig`] a state dict was saved from, found by matching its shapes.
-pub fn infer_config(sd: &[(String, Tensor)]) -> Result<ModelConfig> {
-    let shape_of = |k: &str| sd.iter().find(|(n, _)| n == k).map(|(_, t)| t.shape.clone());
+pub fn infer_config(sd: &StateDict) -> Result<ModelConfig> {
+    let shape_of = |k: &str| sd.get(k).map(|t| t.shape.clone());
     let (head, classes) = if let Some(s) = shape_of("classifier.5.weight") {
         (HeadKind::Seed, s[0])
     } else if let Some(s) = shape_of("classifier.1.weight") {
@@ -629,7 +631,7 @@ pub fn infer_config(sd: &[(String, Tensor)]) -> Result<ModelConfig> {
     // Blocks per stage and each stage's output width, read off the key names and projection shapes.
     let mut blocks = [0usize; 7];
     let mut widths = [0usize; 7];
-    for (k, t) in sd {
+    for (k, t) in sd.iter() {
         let mut parts = k.split('.');
         if parts.next() != Some("features") {
             continue;
@@ -744,33 +746,4 @@ pub fn from_torch<T: Float>(layout: Layout, t: &Tensor, shape: &[usize]) -> Arra
         _ => v.into_iter().map(T::of_f64).collect(),
     };
     Array { shape: shape.to_vec(), data }
-}
-
-/// Compares a state dict with the expected (name, shape) list; one error lists every missing, unexpected and
-/// mis-shaped key.
-pub fn check_keys(sd: &[(String, Tensor)], expected: &[(String, Vec<usize>)]) -> Result<()> {
-    let want: HashMap<&str, &Vec<usize>> = expected.iter().map(|(k, s)| (k.as_str(), s)).collect();
-    let have: HashMap<&str, &Tensor> = sd.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    let missing: Vec<&str> = expected.iter().map(|(k, _)| k.as_str()).filter(|k| !have.contains_key(k)).collect();
-    let unexpected: Vec<&str> = sd.iter().map(|(k, _)| k.as_str()).filter(|k| !want.contains_key(k)).collect();
-    let misshaped: Vec<String> = sd
-        .iter()
-        .filter_map(|(k, t)| {
-            want.get(k.as_str()).filter(|s| ***s != t.shape).map(|s| format!("{k}: file {:?}, model {:?}", t.shape, s))
-        })
-        .collect();
-    if missing.is_empty() && unexpected.is_empty() && misshaped.is_empty() {
-        return Ok(());
-    }
-    let mut msg = String::from("the weights do not fit the model:");
-    if !missing.is_empty() {
-        msg += &format!("\n  missing ({}): {}", missing.len(), missing.join(", "));
-    }
-    if !unexpected.is_empty() {
-        msg += &format!("\n  unexpected ({}): {}", unexpected.len(), unexpected.join(", "));
-    }
-    if !misshaped.is_empty() {
-        msg += &format!("\n  mis-shaped ({}): {}", misshaped.len(), misshaped.join("; "));
-    }
-    bail!(msg)
 }

@@ -253,6 +253,7 @@ impl<T: Float> Backward<T> for BnBackward {
 }
 
 /// Records batch norm over the last dimension of `x`, followed by `act` when given (one fused node).
+#[allow(clippy::too_many_arguments)]
 pub fn batch_norm<T: Float>(
     tape: &mut Tape<T>,
     x: Var,

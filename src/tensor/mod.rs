@@ -176,7 +176,7 @@ impl Storage {
 
     /// Decodes little-endian bytes; errors when the byte count is not a whole number of elements.
     pub fn from_le_bytes(dtype: DType, bytes: &[u8]) -> Result<Self> {
-        if bytes.len() % dtype.size() != 0 {
+        if !bytes.len().is_multiple_of(dtype.size()) {
             bail!("{} bytes is not a whole number of {} elements", bytes.len(), dtype);
         }
         // `pod_collect_to_vec` copies, so unaligned input is fine.

@@ -87,7 +87,7 @@ pub fn save(
     class_names: &[String],
     image_size: usize,
 ) -> Result<()> {
-    let mut sd: StateDict = model.state_dict().into_iter().collect();
+    let mut sd = model.state_dict();
     let mut steps = BTreeMap::new();
     for (name, st) in adamw.states() {
         // Moments stay in derma's internal layout (OHWI for convs), flattened: they only come back to derma.
@@ -138,13 +138,17 @@ pub fn load(path: &Path) -> Result<Loaded> {
     }
     let mut moments = Vec::new();
     for (n, m) in m_map {
-        let v = v_map.remove(&n).with_context(|| format!("{}: optimizer moment exp_avg_sq of {n} is missing", path.display()))?;
+        let v = v_map
+            .remove(&n)
+            .with_context(|| format!("{}: optimizer moment exp_avg_sq of {n} is missing", path.display()))?;
         moments.push((n, m, v));
     }
-    let model = EfficientNet::from_state_dict(weights.entries()).with_context(|| format!("loading {}", path.display()))?;
+    let model = EfficientNet::from_state_dict(&weights).with_context(|| format!("loading {}", path.display()))?;
     let s = &ckpt.meta.strings;
     let class_names = match s.get("class_names") {
-        Some(j) => serde_json::from_str::<Vec<String>>(j).with_context(|| format!("{}: bad class_names", path.display()))?,
+        Some(j) => {
+            serde_json::from_str::<Vec<String>>(j).with_context(|| format!("{}: bad class_names", path.display()))?
+        }
         None => default_class_names(model.config.num_classes),
     };
     if class_names.len() != model.config.num_classes {
@@ -156,7 +160,8 @@ pub fn load(path: &Path) -> Result<Loaded> {
     };
     let config = match &ckpt.meta.config {
         Some(c) if s.contains_key(STATE_KEY) => Some(
-            serde_json::from_value::<TrainConfig>(c.clone()).with_context(|| format!("{}: bad config", path.display()))?,
+            serde_json::from_value::<TrainConfig>(c.clone())
+                .with_context(|| format!("{}: bad config", path.display()))?,
         ),
         _ => None,
     };
