@@ -126,7 +126,8 @@ fn run_forward(a: ForwardArgs) -> Result<()> {
         LossArg::Focal => LossKind::Focal { gamma: a.gamma },
         LossArg::Ce => LossKind::CrossEntropy,
     };
-    let out = forward::run(&mut model, inputs.entries(), a.mode, &kind)?;
+    let out = forward::run(&mut model, inputs.entries(), a.mode, &kind)
+        .with_context(|| format!("running {} on {}", a.weights.display(), a.input.display()))?;
     io::save_safetensors(&a.output, &out.into_iter().collect(), None)
         .with_context(|| format!("writing {}", a.output.display()))
 }
