@@ -237,9 +237,15 @@ impl Kernels {
         }
         let mut modules = HashMap::new();
         for (name, image) in build_info::IMAGES {
-            let m = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))
-                .map_err(|e| anyhow::anyhow!("loading kernel image {name}.cu failed: {e:?} (driver too old for the PTX, or a GPU older than sm_{:?}?)", build_info::ARCHS.first()))?;
+            let m = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec())).map_err(|e| {
+                let oldest = build_info::ARCHS.first().copied().unwrap_or(0);
+                anyhow::anyhow!(
+                    "loading kernel image {name}.cu failed: {e:?} (the kernels need an NVIDIA driver of the \
+                         580 series or newer and a GPU of compute capability {}.{} or newer)",
+                    oldest / 10,
+                    oldest % 10
+                )
+            })?;
             modules.insert(*name, m);
         }
         let sms = ctx
