@@ -69,8 +69,8 @@ fn main() {
             let msg = format!("no CUDA compiler: {e}");
             if require {
                 fail(&format!(
-                    "{msg}\nDERMA_REQUIRE_NVCC=1 is set, so the build stops here. Install the CUDA toolkit (or set NVCC \
-                     to an nvcc binary), or unset DERMA_REQUIRE_NVCC to build without GPU kernels."
+                    "{msg}\nDERMA_REQUIRE_NVCC=1 is set, so the build stops here. Install the CUDA toolkit (or set \
+                     NVCC to an nvcc binary), or unset DERMA_REQUIRE_NVCC to build without GPU kernels."
                 ));
             }
             println!("cargo:warning=derma: building WITHOUT GPU kernels: {msg}");
