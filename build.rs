@@ -69,8 +69,8 @@ fn main() {
             let msg = format!("no CUDA compiler: {e}");
             if require {
                 fail(&format!(
-                    "{msg}\nDERMA_REQUIRE_NVCC=1 is set, so the build stops here. Install the CUDA toolkit (or set NVCC \
-                     to an nvcc binary), or unset DERMA_REQUIRE_NVCC to build without GPU kernels."
+                    "{msg}\nDERMA_REQUIRE_NVCC=1 is set, so the build stops here. Install the CUDA toolkit (or set \
+                     NVCC to an nvcc binary), or unset DERMA_REQUIRE_NVCC to build without GPU kernels."
                 ));
             }
             println!("cargo:warning=derma: building WITHOUT GPU kernels: {msg}");
@@ -248,7 +248,7 @@ fn install_wheels(cache: &Path, nvcc: &Path) -> Result<(), String> {
     let staging = cache.join(format!("staging-{}", std::process::id()));
     let _ = fs::remove_dir_all(&staging);
     let t0 = Instant::now();
-    let mut last_err = String::from("neither python3 nor python could be run");
+    let mut errors = Vec::new();
     let mut installed = false;
     for python in ["python3", "python"] {
         let out = Command::new(python)
@@ -263,14 +263,14 @@ fn install_wheels(cache: &Path, nvcc: &Path) -> Result<(), String> {
             }
             Ok(o) => {
                 let err = String::from_utf8_lossy(&o.stderr);
-                last_err = format!("`{python} -m pip install` failed: {}", err.trim().lines().last().unwrap_or(""));
+                errors.push(format!("`{python} -m pip install` failed: {}", err.trim().lines().last().unwrap_or("")));
             }
-            Err(e) => last_err = format!("cannot run {python}: {e}"),
+            Err(e) => errors.push(format!("cannot run {python}: {e}")),
         }
     }
     if !installed {
         let _ = fs::remove_dir_all(&staging);
-        return Err(last_err);
+        return Err(errors.join("; "));
     }
     let dest = cache.join("toolkit");
     let _ = fs::remove_dir_all(&dest);

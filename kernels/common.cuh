@@ -3,6 +3,10 @@
 //
 // Storage is fp32 (`float`) or fp16 (`__half`); every kernel computes in fp32. Entry points are `extern "C"`
 // with a `_f32` / `_f16` suffix so the Rust side can name them without C++ mangling.
+//
+// Reduction kernels declare __launch_bounds__(256, 4): 256 threads, at least 4 blocks per SM, i.e. a 64-register
+// budget. A bare __launch_bounds__(256) lets ptxas aim for full occupancy (32 registers) and spill, which the
+// build rejects.
 #pragma once
 #include <cuda_fp16.h>
 #include <stdint.h>

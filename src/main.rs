@@ -32,6 +32,9 @@ enum Command {
     Synth(cli::data::SynthArgs),
     /// Train the seed's recipe (without --data: a short run on embedded synthetic data).
     Train(cli::train::TrainArgs),
+    /// What this machine offers for CUDA: driver, GPUs, cuBLAS/cuDNN, the kernels built in; --resources prints
+    /// ptxas's per-kernel report, --bandwidth measures copy bandwidth.
+    GpuInfo(derma::cuda::cli::GpuInfoArgs),
 }
 
 #[derive(Subcommand)]
@@ -162,6 +165,7 @@ fn main() {
         Command::Prepare(a) => cli::data::run_prepare(a),
         Command::Synth(a) => cli::data::run_synth(a),
         Command::Train(a) => cli::train::run_train(a),
+        Command::GpuInfo(a) => derma::cuda::cli::run(&a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,1 +1,958 @@
-//! Kernel images (filled below).
+//! The kernel images embedded at build time (one fatbin per `kernels/*.cu`), loaded into a CUDA context, and typed
+//! launch wrappers for every kernel.
+//!
+//! Wrappers take [`DevSlice`]s (device address + length in bytes) and check every length against the shape before
+//! launching, so a wrong size is an error, not an out-of-bounds access on the device. Parameter structs are
+//! `#[repr(C)]` mirrors of the structs in the .cu files (same field order and types).
+//!
+//! All launches go to the stream given; nothing here synchronises.
+
+use anyhow::{Context, Result, bail, ensure};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+
+use super::alloc::Block;
+use super::build_info;
+
+/// Storage element types the kernels are instantiated for.
+pub trait Elem: DeviceRepr + Copy + 'static {
+    /// Suffix of the kernel entry points for this type.
+    const SUFFIX: &'static str;
+}
+impl Elem for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+impl Elem for half::f16 {
+    const SUFFIX: &'static str = "f16";
+}
+
+/// A borrowed range of device memory: address and length in bytes. Borrowing the [`Block`] keeps it alive.
+#[derive(Clone, Copy, Debug)]
+pub struct DevSlice<'a> {
+    addr: u64,
+    bytes: usize,
+    _block: PhantomData<&'a Block>,
+}
+
+impl<'a> DevSlice<'a> {
+    /// The whole block.
+    pub fn of(block: &'a Block) -> Self {
+        Self { addr: block.addr(), bytes: block.len_bytes(), _block: PhantomData }
+    }
+
+    /// A sub-range `[offset, offset + bytes)` of the block; an error when it does not fit.
+    pub fn range(block: &'a Block, offset: usize, bytes: usize) -> Result<Self> {
+        ensure!(
+            offset.checked_add(bytes).is_some_and(|e| e <= block.len_bytes()),
+            "device range {offset}+{bytes} bytes is outside its {}-byte block",
+            block.len_bytes()
+        );
+        Ok(Self { addr: block.addr() + offset as u64, bytes, _block: PhantomData })
+    }
+
+    /// The device address.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// Length in bytes.
+    pub fn len_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The address after checking that the slice holds at least `elems` values of `T`.
+    fn checked<T>(&self, elems: usize, what: &str) -> Result<u64> {
+        let need = elems.checked_mul(size_of::<T>()).context("size overflow")?;
+        ensure!(
+            self.bytes >= need,
+            "{what}: device buffer has {} bytes but the shape needs {elems} x {} bytes = {need}",
+            self.bytes,
+            size_of::<T>()
+        );
+        Ok(self.addr)
+    }
+}
+
+fn opt_checked<T>(s: Option<DevSlice<'_>>, elems: usize, what: &str) -> Result<u64> {
+    s.map(|s| s.checked::<T>(elems, what)).transpose().map(|a| a.unwrap_or(0))
+}
+
+/// Mirror of `BnParams` in kernels/batchnorm.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BnParams {
+    /// Rows N*H*W.
+    pub m: i64,
+    /// Channels.
+    pub c: i32,
+    /// 0: none, 1: SiLU after the affine.
+    pub act: i32,
+    /// Added to the variance.
+    pub eps: f32,
+    /// Running-statistics momentum (torch convention).
+    pub momentum: f32,
+    /// Backward: 1 uses batch statistics, 0 treats mean/invstd as constants.
+    pub training: i32,
+    /// Rows of the reduction workspace (gridDim.y of the reduction kernels).
+    pub rows_split: i32,
+}
+
+/// Mirror of `DwParams` in kernels/depthwise.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DwParams {
+    /// Batch.
+    pub n: i32,
+    /// Input height.
+    pub h: i32,
+    /// Input width.
+    pub w: i32,
+    /// Channels.
+    pub c: i32,
+    /// Output height.
+    pub ho: i32,
+    /// Output width.
+    pub wo: i32,
+    /// Kernel size.
+    pub k: i32,
+    /// Stride.
+    pub stride: i32,
+    /// Padding, (k - 1) / 2.
+    pub pad: i32,
+    /// gridDim.z of the weight-gradient kernel (rows of its workspace).
+    pub rows_split: i32,
+}
+
+/// Mirror of `LossParams` in kernels/loss.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LossParams {
+    /// Batch.
+    pub b: i32,
+    /// Classes.
+    pub k: i32,
+    /// 0: weighted cross-entropy, 1: focal.
+    pub focal: i32,
+    /// Focal exponent.
+    pub gamma: f32,
+    /// Multiplies dlogits (e.g. the loss scale); 0 skips the gradient.
+    pub grad_scale: f32,
+    /// Padding to a multiple of 8 bytes.
+    pub pad_: i32,
+}
+
+/// Mirror of `AdamParams` in kernels/optim.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AdamParams {
+    /// Elements.
+    pub n: i64,
+    /// Learning rate.
+    pub lr: f32,
+    /// First-moment decay.
+    pub beta1: f32,
+    /// Second-moment decay.
+    pub beta2: f32,
+    /// Added to the denominator.
+    pub eps: f32,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+    /// 1 - beta1^t.
+    pub bc1: f32,
+    /// sqrt(1 - beta2^t).
+    pub bc2_sqrt: f32,
+    /// Padding to a multiple of 8 bytes.
+    pub pad_: i32,
+}
+
+// SAFETY: plain #[repr(C)] structs of integers and floats, laid out exactly like their .cu mirrors.
+unsafe impl DeviceRepr for BnParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for DwParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for LossParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for AdamParams {}
+
+/// Activation for [`Kernels::unary`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unary {
+    /// x * sigmoid(x)
+    Silu,
+    /// 1 / (1 + e^-x)
+    Sigmoid,
+    /// max(x, 0)
+    Relu,
+}
+
+impl Unary {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Silu => "silu",
+            Self::Sigmoid => "sigmoid",
+            Self::Relu => "relu",
+        }
+    }
+}
+
+const THREADS: u32 = 256;
+/// Rows of the deterministic reduction workspaces (batch norm, depthwise weight gradient), at most.
+const MAX_ROWS_SPLIT: i64 = 256;
+
+/// The loaded kernel modules of one context.
+pub struct Kernels {
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+    sms: u32,
+}
+
+/// Rows of a reduction workspace for `rows` input rows: enough blocks to fill the GPU, few enough that the final
+/// per-channel pass stays short.
+pub fn rows_split(rows: i64) -> i32 {
+    (rows / 512).clamp(1, MAX_ROWS_SPLIT) as i32
+}
+
+/// Bytes of the batch-norm reduction workspace for [M, C] (float2 per row split and channel).
+pub fn bn_workspace_bytes(m: i64, c: i32) -> usize {
+    rows_split(m) as usize * c as usize * 8
+}
+
+/// Bytes of the depthwise weight-gradient workspace.
+pub fn dw_weight_workspace_bytes(p: &DwParams) -> usize {
+    let rows = p.n as i64 * p.ho as i64 * p.wo as i64;
+    rows_split(rows) as usize * (p.k * p.k) as usize * p.c as usize * 4
+}
+
+impl Kernels {
+    /// Loads every embedded image into `ctx`. Fails with the build's reason when the kernels were not built.
+    pub fn load(ctx: &Arc<CudaContext>) -> Result<Self> {
+        if !build_info::KERNELS_BUILT {
+            bail!(
+                "this derma binary has no GPU kernels ({}); rebuild on a machine where nvcc is found or can be \
+                 installed",
+                build_info::KERNELS_ABSENT_REASON
+            );
+        }
+        let mut modules = HashMap::new();
+        for (name, image) in build_info::IMAGES {
+            let m = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec())).map_err(|e| {
+                let oldest = build_info::ARCHS.first().copied().unwrap_or(0);
+                anyhow::anyhow!(
+                    "loading kernel image {name}.cu failed: {e:?} (the kernels need an NVIDIA driver of the \
+                         580 series or newer and a GPU of compute capability {}.{} or newer)",
+                    oldest / 10,
+                    oldest % 10
+                )
+            })?;
+            modules.insert(*name, m);
+        }
+        let sms = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| anyhow::anyhow!("querying the SM count failed: {e:?}"))? as u32;
+        Ok(Self { modules, functions: Mutex::new(HashMap::new()), sms: sms.max(1) })
+    }
+
+    /// A kernel by family (the .cu file stem) and entry-point name, cached after the first lookup.
+    pub fn function(&self, family: &str, name: &str) -> Result<CudaFunction> {
+        let key = format!("{family}/{name}");
+        if let Ok(cache) = self.functions.lock()
+            && let Some(f) = cache.get(&key)
+        {
+            return Ok(f.clone());
+        }
+        let module = self.modules.get(family).with_context(|| format!("no kernel image {family}.cu in this binary"))?;
+        let f =
+            module.load_function(name).map_err(|e| anyhow::anyhow!("kernel {name} not found in {family}.cu: {e:?}"))?;
+        if let Ok(mut cache) = self.functions.lock() {
+            cache.insert(key, f.clone());
+        }
+        Ok(f)
+    }
+
+    /// Grid-stride launch shape for `work` independent items: up to 8 blocks per SM.
+    fn flat_cfg(&self, work: usize) -> LaunchConfig {
+        let blocks = work.div_ceil(THREADS as usize).clamp(1, (self.sms * 8) as usize) as u32;
+        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// y = op(x) over `n` elements.
+    pub fn unary<T: Elem>(&self, s: &CudaStream, op: Unary, y: DevSlice, x: DevSlice, n: usize) -> Result<()> {
+        let f = self.function("elementwise", &format!("{}_fwd_{}", op.name(), T::SUFFIX))?;
+        let (y, x) = (y.checked::<T>(n, "unary y")?, x.checked::<T>(n, "unary x")?);
+        let n = n as i64;
+        // SAFETY: y and x hold n elements of T (checked above); the kernel reads x[0..n) and writes y[0..n).
+        unsafe { s.launch_builder(&f).arg(&y).arg(&x).arg(&n).launch(self.flat_cfg(n as usize)) }
+            .map(|_| ())
+            .map_err(|e| anyhow::anyhow!("{}_fwd launch: {e:?}", op.name()))
+    }
+
+    /// dx = dy * op'(saved), where `saved` is x for SiLU and ReLU and the forward output y for sigmoid.
+    pub fn unary_backward<T: Elem>(
+        &self,
+        s: &CudaStream,
+        op: Unary,
+        dx: DevSlice,
+        saved: DevSlice,
+        dy: DevSlice,
+        n: usize,
+    ) -> Result<()> {
+        let f = self.function("elementwise", &format!("{}_bwd_{}", op.name(), T::SUFFIX))?;
+        let dx = dx.checked::<T>(n, "unary backward dx")?;
+        let saved = saved.checked::<T>(n, "unary backward saved")?;
+        let dy = dy.checked::<T>(n, "unary backward dy")?;
+        let n = n as i64;
+        // SAFETY: all three buffers hold n elements of T (checked above).
+        unsafe { s.launch_builder(&f).arg(&dx).arg(&saved).arg(&dy).arg(&n).launch(self.flat_cfg(n as usize)) }
+            .map(|_| ())
+            .map_err(|e| anyhow::anyhow!("{}_bwd launch: {e:?}", op.name()))
+    }
+
+    /// y = a + b.
+    pub fn add<T: Elem>(&self, s: &CudaStream, y: DevSlice, a: DevSlice, b: DevSlice, n: usize) -> Result<()> {
+        let f = self.function("elementwise", &format!("add_{}", T::SUFFIX))?;
+        let (y, a, b) = (y.checked::<T>(n, "add y")?, a.checked::<T>(n, "add a")?, b.checked::<T>(n, "add b")?);
+        let n = n as i64;
+        // SAFETY: all three buffers hold n elements of T (checked above).
+        unsafe { s.launch_builder(&f).arg(&y).arg(&a).arg(&b).arg(&n).launch(self.flat_cfg(n as usize)) }
+            .map(|_| ())
+            .map_err(|e| anyhow::anyhow!("add launch: {e:?}"))
+    }
+
+    /// y = alpha * x (`axpy = false`) or y += alpha * x (`axpy = true`).
+    pub fn scale<T: Elem>(
+        &self,
+        s: &CudaStream,
+        y: DevSlice,
+        x: DevSlice,
+        alpha: f32,
+        n: usize,
+        axpy: bool,
+    ) -> Result<()> {
+        let name = if axpy { "axpy" } else { "scale" };
+        let f = self.function("elementwise", &format!("{name}_{}", T::SUFFIX))?;
+        let (y, x) = (y.checked::<T>(n, "scale y")?, x.checked::<T>(n, "scale x")?);
+        let n = n as i64;
+        // SAFETY: both buffers hold n elements of T (checked above).
+        unsafe { s.launch_builder(&f).arg(&y).arg(&x).arg(&alpha).arg(&n).launch(self.flat_cfg(n as usize)) }
+            .map(|_| ())
+            .map_err(|e| anyhow::anyhow!("{name} launch: {e:?}"))
+    }
+
+    /// fp32 -> fp16 (`to_half = true`) or fp16 -> fp32 copy of `n` elements.
+    pub fn cast(&self, s: &CudaStream, y: DevSlice, x: DevSlice, n: usize, to_half: bool) -> Result<()> {
+        let (name, y, x) = if to_half {
+            ("cast_f32_to_f16", y.checked::<half::f16>(n, "cast y")?, x.checked::<f32>(n, "cast x")?)
+        } else {
+            ("cast_f16_to_f32", y.checked::<f32>(n, "cast y")?, x.checked::<half::f16>(n, "cast x")?)
+        };
+        let f = self.function("elementwise", name)?;
+        let n = n as i64;
+        // SAFETY: x and y hold n elements of their types (checked above).
+        unsafe { s.launch_builder(&f).arg(&y).arg(&x).arg(&n).launch(self.flat_cfg(n as usize)) }
+            .map(|_| ())
+            .map_err(|e| anyhow::anyhow!("{name} launch: {e:?}"))
+    }
+
+    fn bn_reduce_cfg(p: &BnParams) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: ((p.c as u32).div_ceil(32), p.rows_split as u32, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn per_channel_cfg(c: i32) -> LaunchConfig {
+        LaunchConfig { grid_dim: ((c as u32).div_ceil(THREADS), 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// Batch-norm statistics of x [M, C] (training): mean and invstd [C] f32, running stats updated in place
+    /// (either may be `None`). `workspace` holds [`bn_workspace_bytes`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn bn_stats<T: Elem>(
+        &self,
+        s: &CudaStream,
+        p: &BnParams,
+        x: DevSlice,
+        mean: DevSlice,
+        invstd: DevSlice,
+        running_mean: Option<DevSlice>,
+        running_var: Option<DevSlice>,
+        workspace: DevSlice,
+    ) -> Result<()> {
+        let mut p = *p;
+        p.rows_split = rows_split(p.m);
+        let (m, c) = (p.m as usize, p.c as usize);
+        ensure!(p.m > 0 && p.c > 0, "batch norm on an empty tensor [{}, {}]", p.m, p.c);
+        let x = x.checked::<T>(m * c, "bn x")?;
+        let mean = mean.checked::<f32>(c, "bn mean")?;
+        let invstd = invstd.checked::<f32>(c, "bn invstd")?;
+        let rm = opt_checked::<f32>(running_mean, c, "bn running_mean")?;
+        let rv = opt_checked::<f32>(running_var, c, "bn running_var")?;
+        let ws = workspace.checked::<[f32; 2]>(p.rows_split as usize * c, "bn workspace")?;
+        let f1 = self.function("batchnorm", &format!("bn_stats_partial_{}", T::SUFFIX))?;
+        let f2 = self.function("batchnorm", &format!("bn_stats_finalize_{}", T::SUFFIX))?;
+        // SAFETY: x holds M*C elements, the workspace rows_split*C float2, mean/invstd/running C floats (checked
+        // above); a null running pointer is skipped by the kernel.
+        unsafe {
+            s.launch_builder(&f1).arg(&x).arg(&ws).arg(&p).launch(Self::bn_reduce_cfg(&p))?;
+            s.launch_builder(&f2)
+                .arg(&x)
+                .arg(&ws)
+                .arg(&mean)
+                .arg(&invstd)
+                .arg(&rm)
+                .arg(&rv)
+                .arg(&p)
+                .launch(Self::per_channel_cfg(p.c))?;
+        }
+        Ok(())
+    }
+
+    /// Eval-mode statistics: mean = running_mean, invstd = 1 / sqrt(running_var + eps).
+    pub fn bn_eval_stats(
+        &self,
+        s: &CudaStream,
+        p: &BnParams,
+        running_mean: DevSlice,
+        running_var: DevSlice,
+        mean: DevSlice,
+        invstd: DevSlice,
+    ) -> Result<()> {
+        let c = p.c as usize;
+        let rm = running_mean.checked::<f32>(c, "bn running_mean")?;
+        let rv = running_var.checked::<f32>(c, "bn running_var")?;
+        let mean = mean.checked::<f32>(c, "bn mean")?;
+        let invstd = invstd.checked::<f32>(c, "bn invstd")?;
+        let f = self.function("batchnorm", "bn_eval_stats")?;
+        // SAFETY: four buffers of C floats (checked above).
+        unsafe {
+            s.launch_builder(&f).arg(&rm).arg(&rv).arg(&mean).arg(&invstd).arg(p).launch(Self::per_channel_cfg(p.c))?;
+        }
+        Ok(())
+    }
+
+    /// y = act(gamma * (x - mean) * invstd + beta) over [M, C]; act from `p.act`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bn_forward<T: Elem>(
+        &self,
+        s: &CudaStream,
+        p: &BnParams,
+        y: DevSlice,
+        x: DevSlice,
+        mean: DevSlice,
+        invstd: DevSlice,
+        gamma: DevSlice,
+        beta: DevSlice,
+    ) -> Result<()> {
+        let (m, c) = (p.m as usize, p.c as usize);
+        let y = y.checked::<T>(m * c, "bn y")?;
+        let x = x.checked::<T>(m * c, "bn x")?;
+        let mean = mean.checked::<f32>(c, "bn mean")?;
+        let invstd = invstd.checked::<f32>(c, "bn invstd")?;
+        let gamma = gamma.checked::<f32>(c, "bn gamma")?;
+        let beta = beta.checked::<f32>(c, "bn beta")?;
+        let f = self.function("batchnorm", &format!("bn_forward_{}", T::SUFFIX))?;
+        // SAFETY: x, y hold M*C elements; the per-channel buffers C floats (checked above).
+        unsafe {
+            s.launch_builder(&f)
+                .arg(&y)
+                .arg(&x)
+                .arg(&mean)
+                .arg(&invstd)
+                .arg(&gamma)
+                .arg(&beta)
+                .arg(p)
+                .launch(self.flat_cfg(m * c / 4))?;
+        }
+        Ok(())
+    }
+
+    /// Batch-norm backward (with the SiLU of `p.act` fused): writes dgamma, dbeta (when given) and dx.
+    /// `workspace` holds [`bn_workspace_bytes`]; `sums` holds 2*C floats.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bn_backward<T: Elem>(
+        &self,
+        s: &CudaStream,
+        p: &BnParams,
+        dx: DevSlice,
+        x: DevSlice,
+        dy: DevSlice,
+        mean: DevSlice,
+        invstd: DevSlice,
+        gamma: DevSlice,
+        beta: DevSlice,
+        dgamma: Option<DevSlice>,
+        dbeta: Option<DevSlice>,
+        workspace: DevSlice,
+        sums: DevSlice,
+    ) -> Result<()> {
+        let mut p = *p;
+        p.rows_split = rows_split(p.m);
+        let (m, c) = (p.m as usize, p.c as usize);
+        let dx = dx.checked::<T>(m * c, "bn dx")?;
+        let x = x.checked::<T>(m * c, "bn x")?;
+        let dy = dy.checked::<T>(m * c, "bn dy")?;
+        let mean = mean.checked::<f32>(c, "bn mean")?;
+        let invstd = invstd.checked::<f32>(c, "bn invstd")?;
+        let gamma = gamma.checked::<f32>(c, "bn gamma")?;
+        let beta = beta.checked::<f32>(c, "bn beta")?;
+        let dgamma = opt_checked::<f32>(dgamma, c, "bn dgamma")?;
+        let dbeta = opt_checked::<f32>(dbeta, c, "bn dbeta")?;
+        let ws = workspace.checked::<[f32; 2]>(p.rows_split as usize * c, "bn workspace")?;
+        let sums = sums.checked::<f32>(2 * c, "bn sums")?;
+        let f1 = self.function("batchnorm", &format!("bn_backward_partial_{}", T::SUFFIX))?;
+        let f2 = self.function("batchnorm", "bn_backward_finalize")?;
+        let f3 = self.function("batchnorm", &format!("bn_backward_dx_{}", T::SUFFIX))?;
+        // SAFETY: every buffer was checked against M, C and rows_split above; null dgamma/dbeta are skipped.
+        unsafe {
+            s.launch_builder(&f1)
+                .arg(&x)
+                .arg(&dy)
+                .arg(&mean)
+                .arg(&invstd)
+                .arg(&gamma)
+                .arg(&beta)
+                .arg(&ws)
+                .arg(&p)
+                .launch(Self::bn_reduce_cfg(&p))?;
+            s.launch_builder(&f2)
+                .arg(&ws)
+                .arg(&dgamma)
+                .arg(&dbeta)
+                .arg(&sums)
+                .arg(&p)
+                .launch(Self::per_channel_cfg(p.c))?;
+            s.launch_builder(&f3)
+                .arg(&dx)
+                .arg(&x)
+                .arg(&dy)
+                .arg(&mean)
+                .arg(&invstd)
+                .arg(&gamma)
+                .arg(&beta)
+                .arg(&sums)
+                .arg(&p)
+                .launch(self.flat_cfg(m * c))?;
+        }
+        Ok(())
+    }
+
+    fn dw_check(p: &DwParams) -> Result<()> {
+        ensure!(p.k > 0 && p.k % 2 == 1, "depthwise kernel size {} must be odd", p.k);
+        ensure!(p.pad == (p.k - 1) / 2, "depthwise padding {} must be (k-1)/2 = {}", p.pad, (p.k - 1) / 2);
+        ensure!(p.stride > 0, "depthwise stride must be positive");
+        let ho = (p.h + 2 * p.pad - p.k) / p.stride + 1;
+        let wo = (p.w + 2 * p.pad - p.k) / p.stride + 1;
+        ensure!(p.ho == ho && p.wo == wo, "depthwise output {}x{} should be {ho}x{wo}", p.ho, p.wo);
+        Ok(())
+    }
+
+    /// Depthwise conv forward: y [N,Ho,Wo,C] from x [N,H,W,C] and w [k,k,C].
+    pub fn dw_forward<T: Elem>(
+        &self,
+        s: &CudaStream,
+        p: &DwParams,
+        y: DevSlice,
+        x: DevSlice,
+        w: DevSlice,
+    ) -> Result<()> {
+        Self::dw_check(p)?;
+        let (n, c) = (p.n as usize, p.c as usize);
+        let out_elems = n * p.ho as usize * p.wo as usize * c;
+        let y = y.checked::<T>(out_elems, "depthwise y")?;
+        let x = x.checked::<T>(n * p.h as usize * p.w as usize * c, "depthwise x")?;
+        let w = w.checked::<T>((p.k * p.k) as usize * c, "depthwise w")?;
+        let f = self.function("depthwise", &format!("dw_forward_{}", T::SUFFIX))?;
+        // SAFETY: shapes checked above; the kernel indexes only inside them.
+        unsafe { s.launch_builder(&f).arg(&y).arg(&x).arg(&w).arg(p).launch(self.flat_cfg(out_elems))? };
+        Ok(())
+    }
+
+    /// Depthwise conv backward data: dx [N,H,W,C] from dy [N,Ho,Wo,C] and w [k,k,C].
+    pub fn dw_backward_data<T: Elem>(
+        &self,
+        s: &CudaStream,
+        p: &DwParams,
+        dx: DevSlice,
+        dy: DevSlice,
+        w: DevSlice,
+    ) -> Result<()> {
+        Self::dw_check(p)?;
+        let (n, c) = (p.n as usize, p.c as usize);
+        let in_elems = n * p.h as usize * p.w as usize * c;
+        let dx = dx.checked::<T>(in_elems, "depthwise dx")?;
+        let dy = dy.checked::<T>(n * p.ho as usize * p.wo as usize * c, "depthwise dy")?;
+        let w = w.checked::<T>((p.k * p.k) as usize * c, "depthwise w")?;
+        let f = self.function("depthwise", &format!("dw_backward_data_{}", T::SUFFIX))?;
+        // SAFETY: shapes checked above.
+        unsafe { s.launch_builder(&f).arg(&dx).arg(&dy).arg(&w).arg(p).launch(self.flat_cfg(in_elems))? };
+        Ok(())
+    }
+
+    /// Depthwise conv backward weight: dw [k,k,C] f32 (written, or added to when `accumulate`).
+    /// `workspace` holds [`dw_weight_workspace_bytes`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn dw_backward_weight<T: Elem>(
+        &self,
+        s: &CudaStream,
+        p: &DwParams,
+        dw: DevSlice,
+        x: DevSlice,
+        dy: DevSlice,
+        workspace: DevSlice,
+        accumulate: bool,
+    ) -> Result<()> {
+        Self::dw_check(p)?;
+        let mut p = *p;
+        p.rows_split = rows_split(p.n as i64 * p.ho as i64 * p.wo as i64);
+        let (n, c, kk) = (p.n as usize, p.c as usize, (p.k * p.k) as usize);
+        let dw = dw.checked::<f32>(kk * c, "depthwise dw")?;
+        let x = x.checked::<T>(n * p.h as usize * p.w as usize * c, "depthwise x")?;
+        let dy = dy.checked::<T>(n * p.ho as usize * p.wo as usize * c, "depthwise dy")?;
+        let ws = workspace.checked::<f32>(p.rows_split as usize * kk * c, "depthwise workspace")?;
+        let f1 = self.function("depthwise", &format!("dw_backward_weight_partial_{}", T::SUFFIX))?;
+        let f2 = self.function("depthwise", "sum_rows_f32")?;
+        let cfg = LaunchConfig {
+            grid_dim: ((c as u32).div_ceil(32), kk as u32, p.rows_split as u32),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows, cols, acc) = (p.rows_split, (kk * c) as i64, accumulate as i32);
+        // SAFETY: shapes and the workspace size checked above.
+        unsafe {
+            s.launch_builder(&f1).arg(&ws).arg(&x).arg(&dy).arg(&p).launch(cfg)?;
+            s.launch_builder(&f2)
+                .arg(&dw)
+                .arg(&ws)
+                .arg(&rows)
+                .arg(&cols)
+                .arg(&acc)
+                .launch(Self::per_channel_cfg((kk * c) as i32))?;
+        }
+        Ok(())
+    }
+
+    fn se_reduce_cfg(n: i32, c: i32) -> LaunchConfig {
+        LaunchConfig { grid_dim: ((c as u32).div_ceil(32), n as u32, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 }
+    }
+
+    /// Global average pool [N, HW, C] -> [N, C].
+    pub fn se_pool<T: Elem>(&self, s: &CudaStream, out: DevSlice, x: DevSlice, n: i32, hw: i32, c: i32) -> Result<()> {
+        let out = out.checked::<T>((n * c) as usize, "se pool out")?;
+        let x = x.checked::<T>(n as usize * hw as usize * c as usize, "se pool x")?;
+        let f = self.function("se", &format!("se_pool_{}", T::SUFFIX))?;
+        // SAFETY: shapes checked above.
+        unsafe { s.launch_builder(&f).arg(&out).arg(&x).arg(&hw).arg(&c).launch(Self::se_reduce_cfg(n, c))? };
+        Ok(())
+    }
+
+    /// Pool backward: dx[n, hw, c] = dout[n, c] / HW.
+    #[allow(clippy::too_many_arguments)]
+    pub fn se_pool_backward<T: Elem>(
+        &self,
+        s: &CudaStream,
+        dx: DevSlice,
+        dout: DevSlice,
+        n: i32,
+        hw: i32,
+        c: i32,
+    ) -> Result<()> {
+        let total = n as usize * hw as usize * c as usize;
+        let dx = dx.checked::<T>(total, "se pool dx")?;
+        let dout = dout.checked::<T>((n * c) as usize, "se pool dout")?;
+        let f = self.function("se", &format!("se_pool_backward_{}", T::SUFFIX))?;
+        // SAFETY: shapes checked above.
+        unsafe { s.launch_builder(&f).arg(&dx).arg(&dout).arg(&n).arg(&hw).arg(&c).launch(self.flat_cfg(total))? };
+        Ok(())
+    }
+
+    /// Channel scaling y[n, hw, c] = x[n, hw, c] * scale[n, c].
+    #[allow(clippy::too_many_arguments)]
+    pub fn se_scale<T: Elem>(
+        &self,
+        s: &CudaStream,
+        y: DevSlice,
+        x: DevSlice,
+        scale: DevSlice,
+        n: i32,
+        hw: i32,
+        c: i32,
+    ) -> Result<()> {
+        let total = n as usize * hw as usize * c as usize;
+        let y = y.checked::<T>(total, "se scale y")?;
+        let x = x.checked::<T>(total, "se scale x")?;
+        let sc = scale.checked::<T>((n * c) as usize, "se scale s")?;
+        let f = self.function("se", &format!("se_scale_{}", T::SUFFIX))?;
+        // SAFETY: shapes checked above.
+        unsafe {
+            s.launch_builder(&f).arg(&y).arg(&x).arg(&sc).arg(&n).arg(&hw).arg(&c).launch(self.flat_cfg(total / 4))?
+        };
+        Ok(())
+    }
+
+    /// Channel scaling backward: dx = dy * scale (skipped when `dx` is `None`) and dscale[n, c] = sum_hw dy * x.
+    #[allow(clippy::too_many_arguments)]
+    pub fn se_scale_backward<T: Elem>(
+        &self,
+        s: &CudaStream,
+        dx: Option<DevSlice>,
+        dscale: DevSlice,
+        x: DevSlice,
+        scale: DevSlice,
+        dy: DevSlice,
+        (n, hw, c): (i32, i32, i32),
+    ) -> Result<()> {
+        let total = n as usize * hw as usize * c as usize;
+        let dx = opt_checked::<T>(dx, total, "se scale dx")?;
+        let ds = dscale.checked::<T>((n * c) as usize, "se scale dscale")?;
+        let x = x.checked::<T>(total, "se scale x")?;
+        let sc = scale.checked::<T>((n * c) as usize, "se scale s")?;
+        let dy = dy.checked::<T>(total, "se scale dy")?;
+        let f = self.function("se", &format!("se_scale_backward_{}", T::SUFFIX))?;
+        // SAFETY: shapes checked above; a null dx is skipped by the kernel.
+        unsafe {
+            s.launch_builder(&f)
+                .arg(&dx)
+                .arg(&ds)
+                .arg(&x)
+                .arg(&sc)
+                .arg(&dy)
+                .arg(&hw)
+                .arg(&c)
+                .launch(Self::se_reduce_cfg(n, c))?
+        };
+        Ok(())
+    }
+
+    /// Dropout with the counter-based mask of `seed` (backward: the same call on dy with the same seed).
+    pub fn dropout<T: Elem>(
+        &self,
+        s: &CudaStream,
+        y: DevSlice,
+        x: DevSlice,
+        p: f32,
+        seed: u64,
+        n: usize,
+    ) -> Result<()> {
+        ensure!((0.0..1.0).contains(&p), "dropout probability {p} must be in [0, 1)");
+        let (y, x) = (y.checked::<T>(n, "dropout y")?, x.checked::<T>(n, "dropout x")?);
+        let f = self.function("dropout", &format!("dropout_{}", T::SUFFIX))?;
+        let n = n as i64;
+        // SAFETY: both buffers hold n elements (checked above).
+        unsafe { s.launch_builder(&f).arg(&y).arg(&x).arg(&p).arg(&seed).arg(&n).launch(self.flat_cfg(n as usize))? };
+        Ok(())
+    }
+
+    /// Stochastic depth ("row" mode): y = residual + keep_n / (1 - p) * x with one coin per sample of
+    /// `per_sample` elements (backward: the same call on dy, no residual).
+    #[allow(clippy::too_many_arguments)]
+    pub fn stochastic_depth<T: Elem>(
+        &self,
+        s: &CudaStream,
+        y: DevSlice,
+        x: DevSlice,
+        residual: Option<DevSlice>,
+        p: f32,
+        seed: u64,
+        (n, per_sample): (usize, usize),
+    ) -> Result<()> {
+        ensure!((0.0..1.0).contains(&p), "stochastic depth probability {p} must be in [0, 1)");
+        ensure!(
+            per_sample > 0 && n % per_sample == 0,
+            "stochastic depth: {n} elements are not whole samples of {per_sample}"
+        );
+        let y = y.checked::<T>(n, "stochastic depth y")?;
+        let x = x.checked::<T>(n, "stochastic depth x")?;
+        let r = opt_checked::<T>(residual, n, "stochastic depth residual")?;
+        let f = self.function("dropout", &format!("stochastic_depth_{}", T::SUFFIX))?;
+        let (n, per) = (n as i64, per_sample as i64);
+        // SAFETY: buffers hold n elements (checked above); a null residual is skipped.
+        unsafe {
+            s.launch_builder(&f)
+                .arg(&y)
+                .arg(&x)
+                .arg(&r)
+                .arg(&p)
+                .arg(&seed)
+                .arg(&n)
+                .arg(&per)
+                .launch(self.flat_cfg(n as usize))?
+        };
+        Ok(())
+    }
+
+    /// Softmax + weighted CE or focal loss over logits [B, K] with i32 targets: writes the mean loss (1 f32),
+    /// dlogits (unless `p.grad_scale == 0`), probabilities (when given), and `bad_target` (1 i32: 0, or the
+    /// 1-based row of the first target outside [0, K)).
+    #[allow(clippy::too_many_arguments)]
+    pub fn softmax_loss<T: Elem>(
+        &self,
+        s: &CudaStream,
+        p: &LossParams,
+        loss: DevSlice,
+        dlogits: DevSlice,
+        probs: Option<DevSlice>,
+        bad_target: DevSlice,
+        logits: DevSlice,
+        targets: DevSlice,
+        alpha: Option<DevSlice>,
+    ) -> Result<()> {
+        let (b, k) = (p.b as usize, p.k as usize);
+        let loss = loss.checked::<f32>(1, "loss out")?;
+        let dl = dlogits.checked::<T>(b * k, "dlogits")?;
+        let probs = opt_checked::<f32>(probs, b * k, "probs")?;
+        let bad = bad_target.checked::<i32>(1, "bad_target")?;
+        let logits = logits.checked::<T>(b * k, "logits")?;
+        let targets = targets.checked::<i32>(b, "targets")?;
+        let alpha = opt_checked::<f32>(alpha, k, "class weights")?;
+        let f = self.function("loss", &format!("softmax_loss_{}", T::SUFFIX))?;
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: shapes checked above; null probs / alpha are handled by the kernel.
+        unsafe {
+            s.launch_builder(&f)
+                .arg(&loss)
+                .arg(&dl)
+                .arg(&probs)
+                .arg(&bad)
+                .arg(&logits)
+                .arg(&targets)
+                .arg(&alpha)
+                .arg(p)
+                .launch(cfg)?
+        };
+        Ok(())
+    }
+
+    /// out = grads * inv_scale (f32), setting found_inf (1 i32, zeroed by the caller) on any inf/NaN.
+    /// `out` may be the same buffer as `grads` for f32.
+    pub fn unscale<T: Elem>(
+        &self,
+        s: &CudaStream,
+        out: DevSlice,
+        grads: DevSlice,
+        inv_scale: f32,
+        found_inf: DevSlice,
+        n: usize,
+    ) -> Result<()> {
+        let out = out.checked::<f32>(n, "unscale out")?;
+        let g = grads.checked::<T>(n, "unscale grads")?;
+        let fi = found_inf.checked::<i32>(1, "found_inf")?;
+        let f = self.function("optim", &format!("unscale_{}", T::SUFFIX))?;
+        let n = n as i64;
+        // SAFETY: shapes checked above.
+        unsafe {
+            s.launch_builder(&f).arg(&out).arg(&g).arg(&inv_scale).arg(&fi).arg(&n).launch(self.flat_cfg(n as usize))?
+        };
+        Ok(())
+    }
+
+    /// One AdamW step over flat fp32 buffers (p, g, m, v of `a.n` elements), copying the new weights to fp16
+    /// when `p16` is given; skipped on the device when `found_inf` holds a nonzero value.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw(
+        &self,
+        s: &CudaStream,
+        a: &AdamParams,
+        p: DevSlice,
+        g: DevSlice,
+        m: DevSlice,
+        v: DevSlice,
+        p16: Option<DevSlice>,
+        found_inf: Option<DevSlice>,
+    ) -> Result<()> {
+        let n = a.n as usize;
+        let (p, g) = (p.checked::<f32>(n, "adamw params")?, g.checked::<f32>(n, "adamw grads")?);
+        let (m, v) = (m.checked::<f32>(n, "adamw m")?, v.checked::<f32>(n, "adamw v")?);
+        let p16 = opt_checked::<half::f16>(p16, n, "adamw fp16 copy")?;
+        let fi = opt_checked::<i32>(found_inf, 1, "found_inf")?;
+        let f = self.function("optim", "adamw_f32")?;
+        // SAFETY: all buffers hold n elements (checked above); null p16 / found_inf are skipped.
+        unsafe {
+            s.launch_builder(&f)
+                .arg(&p)
+                .arg(&g)
+                .arg(&m)
+                .arg(&v)
+                .arg(&p16)
+                .arg(&fi)
+                .arg(a)
+                .launch(self.flat_cfg(n / 4))?
+        };
+        Ok(())
+    }
+}
+
+impl AdamParams {
+    /// Parameters for step `t` (1-based) with torch's AdamW semantics; bias corrections computed in f64.
+    pub fn for_step(n: usize, t: u64, lr: f32, (beta1, beta2): (f32, f32), eps: f32, weight_decay: f32) -> Self {
+        let t = t.max(1) as i32;
+        Self {
+            n: n as i64,
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            bc1: (1.0 - (beta1 as f64).powi(t)) as f32,
+            bc2_sqrt: (1.0 - (beta2 as f64).powi(t)).sqrt() as f32,
+            pad_: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn param_structs_match_the_cu_layouts() {
+        // Sizes of the C structs: int64 first, then 4-byte fields, padded to 8.
+        assert_eq!(size_of::<BnParams>(), 32);
+        assert_eq!(size_of::<DwParams>(), 40);
+        assert_eq!(size_of::<LossParams>(), 24);
+        assert_eq!(size_of::<AdamParams>(), 40);
+        assert_eq!(std::mem::offset_of!(BnParams, eps), 16);
+        assert_eq!(std::mem::offset_of!(AdamParams, bc2_sqrt), 32);
+    }
+
+    #[test]
+    fn adam_bias_corrections() {
+        let a = AdamParams::for_step(10, 1, 1e-3, (0.9, 0.999), 1e-8, 0.01);
+        // The betas are f32 (0.999f32 = 0.99900001...), so compare relatively.
+        assert!((a.bc1 / 0.1 - 1.0).abs() < 1e-5, "{}", a.bc1);
+        assert!((a.bc2_sqrt / 0.001f32.sqrt() - 1.0).abs() < 1e-5, "{}", a.bc2_sqrt);
+        let a = AdamParams::for_step(10, 3, 1e-3, (0.9, 0.999), 1e-8, 0.01);
+        assert!((a.bc1 - (1.0 - 0.729)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rows_split_bounds() {
+        assert_eq!(rows_split(1), 1);
+        assert_eq!(rows_split(512 * 10), 10);
+        assert_eq!(rows_split(1 << 40), MAX_ROWS_SPLIT as i32);
+        assert_eq!(bn_workspace_bytes(512 * 10, 3), 10 * 3 * 8);
+    }
+
+    #[test]
+    fn build_info_is_consistent() {
+        if build_info::KERNELS_BUILT {
+            assert!(!build_info::IMAGES.is_empty());
+            assert!(build_info::KERNELS_ABSENT_REASON.is_empty());
+            for family in ["elementwise", "batchnorm", "depthwise", "se", "dropout", "loss", "optim"] {
+                assert!(build_info::IMAGES.iter().any(|(n, img)| *n == family && !img.is_empty()), "{family}");
+                assert!(build_info::RESOURCES.lines().any(|l| l.starts_with(family)), "{family} resources");
+            }
+            // No kernel spills (the build would have failed), and every line parses.
+            for line in build_info::RESOURCES.lines().filter(|l| !l.starts_with('#')) {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                assert_eq!(f.len(), 8, "{line}");
+                assert_eq!((f[6], f[7]), ("0", "0"), "{line}");
+            }
+        } else {
+            assert!(build_info::IMAGES.is_empty());
+            assert!(!build_info::KERNELS_ABSENT_REASON.is_empty());
+        }
+    }
+}

@@ -8,8 +8,12 @@
 
 pub mod alloc;
 pub mod blas;
+pub mod cli;
+pub mod device;
 pub mod dnn;
 pub mod kernels;
+
+pub use device::Gpu;
 
 use anyhow::{Result, bail};
 use std::fmt;

@@ -1,0 +1,100 @@
+//! `derma gpu-info`: what this machine offers for CUDA, the kernels' ptxas report, and copy bandwidth.
+
+use anyhow::{Result, anyhow};
+use std::time::Instant;
+
+use super::kernels::DevSlice;
+use super::{DeviceRequest, Gpu, build_info, parse_device, probe, select};
+
+/// Arguments of `derma gpu-info`.
+#[derive(clap::Args, Debug)]
+pub struct GpuInfoArgs {
+    /// Print the probe as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Print ptxas's per-kernel resource report (registers, shared memory, spills per architecture).
+    #[arg(long)]
+    pub resources: bool,
+    /// Measure host↔device and device↔device copy bandwidth and a streaming kernel on this device.
+    #[arg(long)]
+    pub bandwidth: bool,
+    /// Device for --bandwidth: cuda or cuda:N.
+    #[arg(long, default_value = "cuda", value_parser = parse_device)]
+    pub device: DeviceRequest,
+    /// MiB moved per bandwidth measurement.
+    #[arg(long, default_value_t = 256)]
+    pub mib: usize,
+}
+
+/// Runs `derma gpu-info`.
+pub fn run(args: &GpuInfoArgs) -> Result<()> {
+    let p = probe();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&p.to_json())?);
+    } else {
+        println!("{p}");
+    }
+    if args.resources {
+        if build_info::KERNELS_BUILT {
+            print!("{}", build_info::RESOURCES);
+        } else {
+            println!("no kernels in this binary: {}", build_info::KERNELS_ABSENT_REASON);
+        }
+    }
+    if args.bandwidth {
+        let sel = select(args.device)?;
+        let gpu = Gpu::open(&sel)?;
+        bandwidth(&gpu, args.mib.max(1) << 20)?;
+    }
+    Ok(())
+}
+
+fn gbps(bytes: usize, secs: f64) -> f64 {
+    bytes as f64 / secs / 1e9
+}
+
+/// Best of 5 timings of host→device, device→host (pageable memory), device→device, and a read+write kernel.
+fn bandwidth(gpu: &Gpu, bytes: usize) -> Result<()> {
+    let host = vec![1.0f32; bytes / 4];
+    let a = gpu.upload(&host)?;
+    let b = gpu.zeros(bytes)?;
+    let best = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        f()?; // warm-up
+        let mut best = f64::INFINITY;
+        for _ in 0..5 {
+            let t = Instant::now();
+            f()?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    };
+    let h2d = best(&mut || {
+        // SAFETY: `a` holds `bytes` bytes; the copy is synchronous.
+        unsafe { cudarc::driver::result::memcpy_htod_sync(a.addr(), &host) }.map_err(|e| anyhow!("{e:?}"))
+    })?;
+    let mut back = vec![0.0f32; bytes / 4];
+    let d2h = best(&mut || {
+        // SAFETY: `a` holds `bytes` bytes; the copy is synchronous.
+        unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut back, a.addr()) }.map_err(|e| anyhow!("{e:?}"))
+    })?;
+    let d2d = best(&mut || {
+        // SAFETY: both blocks hold `bytes` bytes and do not overlap.
+        unsafe { cudarc::driver::result::memcpy_dtod_sync(b.addr(), a.addr(), bytes) }.map_err(|e| anyhow!("{e:?}"))?;
+        gpu.sync()
+    })?;
+    let n = bytes / 4;
+    let kernel = best(&mut || {
+        gpu.kernels.scale::<f32>(&gpu.stream, DevSlice::of(&b), DevSlice::of(&a), 2.0, n, false)?;
+        gpu.sync()
+    })?;
+    println!("copy bandwidth on {} ({} MiB, best of 5):", gpu.info.name, bytes >> 20);
+    println!("  host->device (pageable): {:8.1} GB/s", gbps(bytes, h2d));
+    println!("  device->host (pageable): {:8.1} GB/s", gbps(bytes, d2h));
+    println!(
+        "  device->device memcpy:   {:8.1} GB/s (read + write: {:.1} GB/s moved)",
+        gbps(bytes, d2d),
+        gbps(2 * bytes, d2d)
+    );
+    println!("  scale_f32 kernel:        {:8.1} GB/s moved (read + write)", gbps(2 * bytes, kernel));
+    Ok(())
+}
