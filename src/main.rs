@@ -32,6 +32,10 @@ enum Command {
     Synth(cli::data::SynthArgs),
     /// Train the seed's recipe (without --data: a short run on embedded synthetic data).
     Train(cli::train::TrainArgs),
+    /// Score a checkpoint on a labelled dataset: accuracy, balanced accuracy, per-class metrics, ROC AUC, confusion.
+    Eval(cli::eval::EvalArgs),
+    /// Class probabilities for image files (table, JSON or the ISIC 2019 submission CSV).
+    Predict(cli::predict::PredictArgs),
 }
 
 #[derive(Subcommand)]
@@ -161,6 +165,8 @@ fn main() {
         Command::Prepare(a) => cli::data::run_prepare(a),
         Command::Synth(a) => cli::data::run_synth(a),
         Command::Train(a) => cli::train::run_train(a),
+        Command::Eval(a) => cli::eval::run_eval(a),
+        Command::Predict(a) => cli::predict::run_predict(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
