@@ -23,6 +23,7 @@ pub enum Split {
     All,
 }
 
+/// `derma eval` flags.
 #[derive(Args)]
 pub struct EvalArgs {
     /// Checkpoint to score: derma's .safetensors, the seed's .pth checkpoint or plain torchvision weights.
@@ -76,6 +77,7 @@ struct EvalJson<'a> {
     report: &'a Report,
 }
 
+/// Loads the checkpoint, prepares the data at its image size and split, evaluates and prints the report.
 pub fn run_eval(a: EvalArgs) -> Result<()> {
     resolve_device(a.device, "derma eval")?;
     if a.batch_size == 0 {

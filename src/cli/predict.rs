@@ -19,6 +19,7 @@ use serde::Serialize;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+/// `derma predict` flags.
 #[derive(Args)]
 pub struct PredictArgs {
     /// Checkpoint: derma's .safetensors, the seed's .pth checkpoint or plain torchvision weights.
@@ -126,6 +127,8 @@ fn top_k(probs: &[f64], class_names: &[String], k: usize) -> Vec<Ranked> {
     order.into_iter().take(k).map(|i| Ranked { class: class_names[i].clone(), probability: probs[i] }).collect()
 }
 
+/// Predicts every image (going on past unusable ones), prints or writes the results, then fails if any image
+/// could not be used.
 pub fn run_predict(a: PredictArgs) -> Result<()> {
     resolve_device(a.device, "derma predict")?;
     if a.top == 0 {
