@@ -22,13 +22,15 @@ fn synth_data(dir: &Path, seed: u64) -> PathBuf {
 
 /// Tiny settings with a two-stage unfreezing schedule (5 blocks frozen, then none at half the backbone rate).
 fn tiny_config(epochs: usize) -> TrainConfig {
-    let mut c = TrainConfig::default();
-    c.image_size = 32;
-    c.batch_size = 8;
-    c.epochs = epochs;
-    c.lr = 2e-3;
-    c.workers = Some(1);
-    c.device = DeviceChoice::Cpu;
+    let mut c = TrainConfig {
+        image_size: 32,
+        batch_size: 8,
+        epochs,
+        lr: 2e-3,
+        workers: Some(1),
+        device: DeviceChoice::Cpu,
+        ..TrainConfig::default()
+    };
     c.early_stopping.patience = 0;
     c.unfreeze = UnfreezeSchedule::new(vec![
         Stage { epoch: 0, frozen_blocks: 5, lr_multiplier: 1.0 },
