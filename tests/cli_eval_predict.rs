@@ -1,7 +1,11 @@
 //! `derma train`, `derma eval` and `derma predict` through the built binary on a tiny synthetic dataset.
 
+use derma::data::{self, PrepareOptions};
+use derma::ops::loss::LossKind;
+use derma::train::{checkpoint, trainer};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
 
 fn derma(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_derma")).args(args).output().unwrap()
@@ -114,6 +118,25 @@ fn train_then_eval_and_predict() {
         let max = probs.values().map(|x| x.as_f64().unwrap()).fold(f64::MIN, f64::max);
         assert_eq!(p0, max);
         assert_eq!(probs[top[0]["class"].as_str().unwrap()].as_f64().unwrap(), p0);
+    }
+
+    // The same probabilities as the library's evaluation of the cached images (same resize, normalization,
+    // class order and eval-mode forward). A one-epoch model from random initialisation varies little between
+    // images, so this mostly pins the class order and the softmax; the resize is shared code (square_resize).
+    let mut loaded = checkpoint::load(&ckpt).unwrap();
+    let prep =
+        Arc::new(data::prepare(&PrepareOptions { size: 32, quiet: true, ..PrepareOptions::new(&data) }).unwrap());
+    let all: Vec<usize> = (0..prep.len()).collect();
+    let ev = trainer::evaluate(&mut loaded.model, &prep, &all, 8, 32, None, &LossKind::CrossEntropy).unwrap();
+    let c = classes.len();
+    for (p, path) in arr.iter().zip([&jpegs[0], &jpegs[1]]) {
+        let stem = path.file_stem().unwrap().to_str().unwrap();
+        let i = prep.images.iter().position(|id| id == stem).unwrap();
+        for (k, name) in classes.iter().enumerate() {
+            let got = p["probabilities"][name].as_f64().unwrap();
+            let want = ev.probs[i * c + k] as f64;
+            assert!((got - want).abs() < 1e-6, "{stem} {name}: predict {got}, evaluate {want}");
+        }
     }
 
     // The table.
