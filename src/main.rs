@@ -35,6 +35,10 @@ enum Command {
     /// What this machine offers for CUDA: driver, GPUs, cuBLAS/cuDNN, the kernels built in; --resources prints
     /// ptxas's per-kernel report, --bandwidth measures copy bandwidth.
     GpuInfo(derma::cuda::cli::GpuInfoArgs),
+    /// Score a checkpoint on a labelled dataset: accuracy, balanced accuracy, per-class metrics, ROC AUC, confusion.
+    Eval(cli::eval::EvalArgs),
+    /// Class probabilities for image files (table, JSON or the ISIC 2019 submission CSV).
+    Predict(cli::predict::PredictArgs),
 }
 
 #[derive(Subcommand)]
@@ -166,6 +170,8 @@ fn main() {
         Command::Synth(a) => cli::data::run_synth(a),
         Command::Train(a) => cli::train::run_train(a),
         Command::GpuInfo(a) => derma::cuda::cli::run(&a),
+        Command::Eval(a) => cli::eval::run_eval(a),
+        Command::Predict(a) => cli::predict::run_predict(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,4 +1,6 @@
 //! Subcommands, one module per area.
 
 pub mod data;
+pub mod eval;
+pub mod predict;
 pub mod train;

@@ -1,0 +1,162 @@
+//! `derma eval`: scores a checkpoint on a labelled dataset.
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use derma::cuda::{self, DeviceRequest, Selected};
+use derma::data::{self, PrepareOptions};
+use derma::ops::loss::LossKind;
+use derma::train::checkpoint;
+use derma::train::config::{LossKind as CfgLoss, TrainConfig};
+use derma::train::metrics::{Report, render_report};
+use derma::train::trainer;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Which images of the dataset to score.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    /// The validation split the checkpoint's run used (same fraction and seed).
+    Val,
+    /// Every usable image.
+    All,
+}
+
+/// `derma eval` flags.
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Checkpoint to score: derma's .safetensors, the seed's .pth checkpoint or plain torchvision weights.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Dataset folder (ISIC 2019 layout, or labels.csv + images/).
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long, value_enum, default_value = "val")]
+    split: Split,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// One JSON object on stdout instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_parser = cuda::parse_device)]
+    device: DeviceRequest,
+}
+
+/// Resolves `--device` for inference, which runs on the CPU reference backend so far: `auto` falls back to the CPU
+/// with a note when a GPU is present, an explicit CUDA device is an error.
+pub fn resolve_device(request: DeviceRequest, what: &str) -> Result<()> {
+    match (cuda::select(request)?, request) {
+        (Selected::Cpu, _) => Ok(()),
+        (Selected::Cuda(g), DeviceRequest::Auto) => {
+            eprintln!("note: {what} runs on the CPU: derma's CUDA model path is not wired yet ({} left idle)", g.name);
+            Ok(())
+        }
+        (Selected::Cuda(g), _) => {
+            bail!(
+                "{what} on CUDA ({}) is not available yet: the CUDA model path is not wired; use --device cpu",
+                g.name
+            )
+        }
+    }
+}
+
+/// What `--json` prints: the report's fields plus what was scored.
+#[derive(Serialize)]
+struct EvalJson<'a> {
+    checkpoint: String,
+    data: String,
+    split: Split,
+    n: usize,
+    class_names: &'a [String],
+    image_size: usize,
+    /// Mean loss with the checkpoint's loss settings (focal or cross-entropy, its class weights when saved).
+    loss: f64,
+    #[serde(flatten)]
+    report: &'a Report,
+}
+
+/// Loads the checkpoint, prepares the data at its image size and split, evaluates and prints the report.
+pub fn run_eval(a: EvalArgs) -> Result<()> {
+    resolve_device(a.device, "derma eval")?;
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let mut loaded = checkpoint::load(&a.checkpoint)?;
+    // The split must be the one the run validated on: same fraction and seed as its config, else the defaults.
+    let defaults = TrainConfig::default();
+    let cfg = loaded.config.as_ref().unwrap_or(&defaults);
+    let prepared = Arc::new(data::prepare(&PrepareOptions {
+        data: a.data.clone(),
+        cache: None,
+        size: loaded.image_size as u32,
+        val_fraction: cfg.val_fraction,
+        seed: cfg.seed,
+        quiet: a.json,
+    })?);
+    if prepared.class_names != loaded.class_names {
+        bail!(
+            "{} was trained on classes [{}] but {} has classes [{}]: evaluate on data with the same classes in the \
+             same order",
+            a.checkpoint.display(),
+            loaded.class_names.join(", "),
+            a.data.display(),
+            prepared.class_names.join(", ")
+        );
+    }
+    let indices: Vec<usize> = match a.split {
+        Split::Val => prepared.val.clone(),
+        Split::All => (0..prepared.len()).collect(),
+    };
+    if indices.is_empty() {
+        match a.split {
+            Split::Val => bail!(
+                "the validation split of {} is empty (val_fraction {}): use --split all",
+                a.data.display(),
+                cfg.val_fraction
+            ),
+            Split::All => bail!("{} has no usable images", a.data.display()),
+        }
+    }
+    let kind = match cfg.loss {
+        CfgLoss::Focal => LossKind::Focal { gamma: cfg.focal_gamma },
+        CfgLoss::Ce => LossKind::CrossEntropy,
+    };
+    let alpha =
+        loaded.state.as_ref().map(|s| s.class_weights.clone()).filter(|w| w.len() == prepared.class_names.len());
+    let ev = trainer::evaluate(
+        &mut loaded.model,
+        &prepared,
+        &indices,
+        a.batch_size,
+        loaded.image_size,
+        alpha.as_deref(),
+        &kind,
+    )
+    .with_context(|| format!("evaluating {} on {}", a.checkpoint.display(), a.data.display()))?;
+    if a.json {
+        let out = EvalJson {
+            checkpoint: a.checkpoint.display().to_string(),
+            data: a.data.display().to_string(),
+            split: a.split,
+            n: indices.len(),
+            class_names: &loaded.class_names,
+            image_size: loaded.image_size,
+            loss: ev.loss,
+            report: &ev.report,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        let split = match a.split {
+            Split::Val => "validation split",
+            Split::All => "all images",
+        };
+        println!("checkpoint {}", a.checkpoint.display());
+        println!("data       {} ({split}: {} images at {}px)", a.data.display(), indices.len(), loaded.image_size);
+        println!("loss       {:.4}", ev.loss);
+        println!();
+        print!("{}", render_report(&ev.report, &loaded.class_names));
+    }
+    Ok(())
+}

@@ -1,0 +1,283 @@
+//! End-to-end training on a tiny synthetic dataset: the run folder's files, evaluation of the best checkpoint,
+//! bitwise kill-and-resume, and clear errors on bad input. Sizes are tiny (32 px, ~10 steps per epoch) so the
+//! whole file runs in seconds on a small CPU.
+
+use derma::data::synth::{SynthOptions, synth};
+use derma::data::{self, PrepareOptions};
+use derma::io::load_safetensors;
+use derma::ops::loss::LossKind;
+use derma::train::checkpoint::{self, TrainState};
+use derma::train::config::{DeviceChoice, TrainConfig};
+use derma::train::history::{EpochRecord, History};
+use derma::train::trainer::{self, TrainRun};
+use derma::train::unfreeze::{Stage, UnfreezeSchedule};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn synth_data(dir: &Path, seed: u64) -> PathBuf {
+    let data = dir.join("data");
+    synth(&SynthOptions { out: data.clone(), n: 96, seed, faults: false, width: 64, height: 48 }).unwrap();
+    data
+}
+
+/// Tiny settings with a two-stage unfreezing schedule (5 blocks frozen, then none at half the backbone rate).
+fn tiny_config(epochs: usize) -> TrainConfig {
+    let mut c = TrainConfig {
+        image_size: 32,
+        batch_size: 8,
+        epochs,
+        lr: 2e-3,
+        workers: Some(1),
+        device: DeviceChoice::Cpu,
+        ..TrainConfig::default()
+    };
+    c.early_stopping.patience = 0;
+    c.unfreeze = UnfreezeSchedule::new(vec![
+        Stage { epoch: 0, frozen_blocks: 5, lr_multiplier: 1.0 },
+        Stage { epoch: 1, frozen_blocks: 0, lr_multiplier: 0.5 },
+    ])
+    .unwrap();
+    c.validate().unwrap();
+    c
+}
+
+fn train_run(config: TrainConfig, data: &Path, out: &Path) -> TrainRun {
+    TrainRun {
+        config,
+        data: data.to_path_buf(),
+        out: out.to_path_buf(),
+        resume: false,
+        quiet: true,
+        stop_after_steps: None,
+    }
+}
+
+fn prepared(data: &Path, cfg: &TrainConfig) -> Arc<data::PreparedData> {
+    Arc::new(
+        data::prepare(&PrepareOptions {
+            data: data.to_path_buf(),
+            cache: None,
+            size: cfg.image_size as u32,
+            val_fraction: cfg.val_fraction,
+            seed: cfg.seed,
+            quiet: true,
+        })
+        .unwrap(),
+    )
+}
+
+fn assert_finite(r: &EpochRecord) {
+    for (name, v) in [
+        ("train_loss", r.train_loss),
+        ("train_acc", r.train_acc),
+        ("val_loss", r.val_loss),
+        ("val_acc", r.val_acc),
+        ("val_balanced_acc", r.val_balanced_acc),
+        ("lr", r.lr),
+        ("lr_multiplier", r.lr_multiplier),
+        ("seconds", r.seconds),
+        ("images_per_s", r.images_per_s),
+    ] {
+        assert!(v.is_finite(), "epoch {}: {name} = {v}", r.epoch);
+    }
+    for (name, v) in [("train_acc", r.train_acc), ("val_acc", r.val_acc), ("val_balanced_acc", r.val_balanced_acc)] {
+        assert!((0.0..=1.0).contains(&v), "epoch {}: {name} = {v}", r.epoch);
+    }
+}
+
+#[test]
+fn end_to_end_run_writes_every_file_and_the_best_checkpoint_reproduces_its_score() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(tmp.path(), 3);
+    let out = tmp.path().join("run");
+    let cfg = tiny_config(3);
+    let outcome = trainer::run(&train_run(cfg.clone(), &data, &out)).unwrap();
+    assert!(!outcome.interrupted && !outcome.early_stopped);
+    assert_eq!(outcome.epochs_completed, 3);
+
+    for f in ["last.safetensors", "best.safetensors", "history.json", "history.csv", "config.toml"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    for f in ["accuracy.png", "loss.png", "unfreezing.png", "lr.png", "confusion_matrix.png", "f1_per_class.png"] {
+        let bytes = std::fs::read(out.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert!(bytes.len() > 100 && bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "{f} is not a PNG");
+    }
+    assert_eq!(TrainConfig::load(&out.join("config.toml")).unwrap(), cfg);
+
+    let history = History::load_json(&out.join("history.json")).unwrap();
+    assert_eq!(history.epochs.len(), 3);
+    for (e, r) in history.epochs.iter().enumerate() {
+        assert_eq!(r.epoch, e);
+        assert_finite(r);
+    }
+    // The schedule: 5 frozen blocks in epoch 0, then none at half rate.
+    assert_eq!(history.epochs.iter().map(|r| r.frozen_layers).collect::<Vec<_>>(), [5, 0, 0]);
+    assert_eq!(history.epochs.iter().map(|r| r.lr_multiplier).collect::<Vec<_>>(), [1.0, 0.5, 0.5]);
+    let csv = std::fs::read_to_string(out.join("history.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "header + one row per epoch:\n{csv}");
+    assert_eq!(outcome.last.as_ref().map(|r| r.epoch), Some(2));
+    let best_acc = history.epochs.iter().map(|r| r.val_acc).fold(f64::MIN, f64::max);
+    assert_eq!(outcome.best_val_acc, Some(best_acc));
+
+    // The best checkpoint: saved at the end of the epoch with the best validation accuracy.
+    let mut best = checkpoint::load(&out.join("best.safetensors")).unwrap();
+    assert_eq!(best.image_size, 32);
+    assert_eq!(best.config.as_ref(), Some(&cfg));
+    let state = best.state.clone().unwrap();
+    let epoch = state.epoch - 1;
+    let recorded = &history.epochs[epoch];
+    assert_eq!(recorded.val_acc, best_acc);
+    assert_eq!(best.meta.val_acc, Some(recorded.val_acc));
+    let prep = prepared(&data, &cfg);
+    assert_eq!(best.class_names, prep.class_names);
+    let kind = LossKind::Focal { gamma: cfg.focal_gamma };
+    let ev =
+        trainer::evaluate(&mut best.model, &prep, &prep.val, cfg.batch_size, 32, Some(&state.class_weights), &kind)
+            .unwrap();
+    assert_eq!(ev.report.accuracy, recorded.val_acc);
+    assert_eq!(ev.report.balanced_accuracy, recorded.val_balanced_acc);
+    assert!(
+        (ev.loss - recorded.val_loss).abs() <= 1e-9 * recorded.val_loss.abs().max(1.0),
+        "{} vs {}",
+        ev.loss,
+        recorded.val_loss
+    );
+    assert_eq!(ev.y_true.len(), prep.val.len());
+    let c = prep.class_names.len();
+    for row in ev.probs.chunks(c) {
+        let s: f32 = row.iter().sum();
+        assert!((s - 1.0).abs() < 1e-4, "probabilities sum to {s}");
+    }
+}
+
+/// Every tensor of a checkpoint (weights and optimizer moments) by name, as raw f32 bits.
+fn tensors_bits(path: &Path) -> Vec<(String, Vec<usize>, Vec<u32>)> {
+    let (sd, _) = load_safetensors(path).unwrap();
+    let mut v: Vec<_> = sd
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.shape.clone(), t.to_f32_vec().iter().map(|x| x.to_bits()).collect()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// The history without its wall-clock fields.
+fn history_numbers(s: &TrainState) -> Vec<[f64; 9]> {
+    s.history
+        .epochs
+        .iter()
+        .map(|r| {
+            [
+                r.epoch as f64,
+                r.train_loss,
+                r.train_acc,
+                r.val_loss,
+                r.val_acc,
+                r.val_balanced_acc,
+                r.frozen_layers as f64,
+                r.lr_multiplier,
+                r.lr,
+            ]
+        })
+        .collect()
+}
+
+#[test]
+fn interrupted_and_resumed_run_is_bitwise_the_uninterrupted_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(tmp.path(), 5);
+    let cfg = tiny_config(2);
+    let steps_per_epoch = prepared(&data, &cfg).train.len() / cfg.batch_size;
+    assert!(steps_per_epoch >= 4, "{steps_per_epoch} steps per epoch");
+
+    let dir_a = tmp.path().join("a");
+    let a = trainer::run(&train_run(cfg.clone(), &data, &dir_a)).unwrap();
+    assert!(!a.interrupted);
+    assert_eq!(a.epochs_completed, 2);
+
+    // Interrupted in the middle of epoch 1 (after the unfreezing transition).
+    let dir_b = tmp.path().join("b");
+    let stop = steps_per_epoch + steps_per_epoch / 2;
+    let mut run_b = train_run(cfg.clone(), &data, &dir_b);
+    run_b.stop_after_steps = Some(stop);
+    let b1 = trainer::run(&run_b).unwrap();
+    assert!(b1.interrupted);
+    assert_eq!(b1.epochs_completed, 1);
+    let mid = checkpoint::load(&dir_b.join("last.safetensors")).unwrap().state.unwrap();
+    assert_eq!((mid.epoch, mid.progress.step), (1, steps_per_epoch / 2));
+    assert_eq!(mid.history.epochs.len(), 1);
+
+    run_b.stop_after_steps = None;
+    run_b.resume = true;
+    let b2 = trainer::run(&run_b).unwrap();
+    assert!(!b2.interrupted);
+    assert_eq!(b2.epochs_completed, 2);
+
+    let (ta, tb) = (tensors_bits(&dir_a.join("last.safetensors")), tensors_bits(&dir_b.join("last.safetensors")));
+    assert_eq!(ta.len(), tb.len());
+    assert!(ta.iter().any(|(n, ..)| n.starts_with("optimizer.exp_avg.")), "no optimizer moments saved");
+    assert!(ta.iter().any(|(n, ..)| n.starts_with("optimizer.exp_avg_sq.")), "no optimizer moments saved");
+    for ((na, sa, va), (nb, sb, vb)) in ta.iter().zip(&tb) {
+        assert_eq!(na, nb);
+        assert_eq!(sa, sb, "{na}");
+        let diff = va.iter().zip(vb).filter(|(x, y)| x != y).count();
+        assert_eq!(diff, 0, "{na}: {diff} of {} values differ", va.len());
+    }
+
+    let sa = checkpoint::load(&dir_a.join("last.safetensors")).unwrap().state.unwrap();
+    let sb = checkpoint::load(&dir_b.join("last.safetensors")).unwrap().state.unwrap();
+    assert_eq!(history_numbers(&sa), history_numbers(&sb));
+    assert_eq!(sa.adam_steps, sb.adam_steps);
+    assert_eq!((sa.epoch, &sa.progress), (sb.epoch, &sb.progress));
+    assert_eq!(sa.scaler, sb.scaler);
+    assert_eq!(sa.plateau, sb.plateau);
+    assert_eq!(sa.early, sb.early);
+    assert_eq!(sa.best_val_acc, sb.best_val_acc);
+    assert_eq!(sa.class_weights, sb.class_weights);
+    // The history files on disk agree too.
+    let (ha, hb) = (
+        History::load_json(&dir_a.join("history.json")).unwrap(),
+        History::load_json(&dir_b.join("history.json")).unwrap(),
+    );
+    assert_eq!(ha.epochs.len(), 2);
+    for (x, y) in ha.epochs.iter().zip(&hb.epochs) {
+        assert_eq!(
+            (x.train_loss, x.train_acc, x.val_loss, x.val_acc),
+            (y.train_loss, y.train_acc, y.val_loss, y.val_acc)
+        );
+    }
+}
+
+fn err_text<T>(r: anyhow::Result<T>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn bad_input_stops_with_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+
+    // A data folder without a label file.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let e = err_text(trainer::run(&train_run(tiny_config(1), &empty, &tmp.path().join("r1"))));
+    assert!(e.contains("ISIC_2019_Training_GroundTruth.csv") && e.contains("labels.csv"), "{e}");
+    assert!(e.contains(&empty.display().to_string()), "{e}");
+
+    // A batch larger than the training split.
+    let data = synth_data(tmp.path(), 7);
+    let mut cfg = tiny_config(1);
+    cfg.batch_size = 500;
+    let e = err_text(trainer::run(&train_run(cfg, &data, &tmp.path().join("r2"))));
+    assert!(e.contains("fewer than one batch of 500") && e.contains("--batch-size"), "{e}");
+    assert!(!tmp.path().join("r2").join("last.safetensors").exists());
+
+    // A config with a misspelt key.
+    let toml = tmp.path().join("bad.toml");
+    std::fs::write(&toml, "epochs = 3\nbatch_sise = 8\n").unwrap();
+    let e = err_text(TrainConfig::load(&toml));
+    assert!(e.contains("batch_sise") && e.contains("unknown field"), "{e}");
+    assert!(e.contains("bad.toml"), "{e}");
+}
