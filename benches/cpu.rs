@@ -29,15 +29,21 @@ fn layers(c: &mut Criterion) {
     let w = random(&[32, 3, 3, 3], 2);
     let geom = ConvGeom::new(&x.shape, &w.shape, ConvCfg { stride: 2, pad: 1, groups: 1 }).unwrap();
     let mut y = vec![0.0f32; 8 * 112 * 112 * 32];
-    g.bench_function("stem_conv_forward", |b| b.iter(|| conv::forward(&geom, &x.data, &w.data, None, black_box(&mut y))));
+    g.bench_function("stem_conv_forward", |b| {
+        b.iter(|| conv::forward(&geom, &x.data, &w.data, None, black_box(&mut y)))
+    });
     // Depthwise 5×5 stride 1 on 28×28×240 (stage 4's shape at 224).
     let x = random(&[8, 28, 28, 240], 3);
     let w = random(&[240, 5, 5, 1], 4);
     let geom = ConvGeom::new(&x.shape, &w.shape, ConvCfg { stride: 1, pad: 2, groups: 240 }).unwrap();
     let mut y = vec![0.0f32; x.numel()];
-    g.bench_function("depthwise5x5_forward", |b| b.iter(|| conv::forward(&geom, &x.data, &w.data, None, black_box(&mut y))));
+    g.bench_function("depthwise5x5_forward", |b| {
+        b.iter(|| conv::forward(&geom, &x.data, &w.data, None, black_box(&mut y)))
+    });
     let mut dw = vec![0.0f32; w.numel()];
-    g.bench_function("depthwise5x5_backward_weight", |b| b.iter(|| conv::backward_weight(&geom, &x.data, &y, black_box(&mut dw))));
+    g.bench_function("depthwise5x5_backward_weight", |b| {
+        b.iter(|| conv::backward_weight(&geom, &x.data, &y, black_box(&mut dw)))
+    });
     // A stage-2 MBConv (24→24, expand 6, 3×3) at 56×56: forward and backward.
     let mut store = ParamStore::new();
     let mut layouts = Vec::new();
@@ -53,7 +59,8 @@ fn layers(c: &mut Criterion) {
             let mut rng = Pcg64::seed_from_u64(0);
             let mut tape = Tape::new();
             let xv = tape.leaf(x.clone());
-            let mut ctx = Ctx { train: true, dropout: false, stochastic_depth: false, frozen_bn_eval: true, rng: &mut rng };
+            let mut ctx =
+                Ctx { train: true, dropout: false, stochastic_depth: false, frozen_bn_eval: true, rng: &mut rng };
             let y = block.forward(&mut tape, &store, xv, &mut ctx, false).unwrap();
             let seed = Array::full(tape.shape(y), 1.0);
             let mut s2 = store.clone();
@@ -73,7 +80,8 @@ fn model(c: &mut Criterion) {
             let mut rng = Pcg64::seed_from_u64(0);
             let mut tape = Tape::inference();
             let xv = tape.constant(x.clone());
-            let mut ctx = Ctx { train: false, dropout: false, stochastic_depth: false, frozen_bn_eval: true, rng: &mut rng };
+            let mut ctx =
+                Ctx { train: false, dropout: false, stochastic_depth: false, frozen_bn_eval: true, rng: &mut rng };
             black_box(m.forward(&mut tape, xv, &mut ctx).unwrap());
         })
     });
@@ -83,7 +91,8 @@ fn model(c: &mut Criterion) {
             let mut rng = Pcg64::seed_from_u64(0);
             let mut tape = Tape::new();
             let xv = tape.constant(x.clone());
-            let mut ctx = Ctx { train: true, dropout: true, stochastic_depth: true, frozen_bn_eval: true, rng: &mut rng };
+            let mut ctx =
+                Ctx { train: true, dropout: true, stochastic_depth: true, frozen_bn_eval: true, rng: &mut rng };
             let logits = m.forward(&mut tape, xv, &mut ctx).unwrap();
             let l = loss::loss(&mut tape, logits, &targets, None, &LossKind::CrossEntropy).unwrap();
             m.params.zero_grad();

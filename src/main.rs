@@ -32,6 +32,9 @@ enum Command {
     Synth(cli::data::SynthArgs),
     /// Train the seed's recipe (without --data: a short run on embedded synthetic data).
     Train(cli::train::TrainArgs),
+    /// Throughput benchmarks (images/s for inference and a training step).
+    #[command(subcommand)]
+    Bench(cli::bench::BenchCmd),
 }
 
 #[derive(Subcommand)]
@@ -161,6 +164,7 @@ fn main() {
         Command::Prepare(a) => cli::data::run_prepare(a),
         Command::Synth(a) => cli::data::run_synth(a),
         Command::Train(a) => cli::train::run_train(a),
+        Command::Bench(c) => cli::bench::run_bench(c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -94,4 +94,3 @@ pub fn run_synth(a: SynthArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
-

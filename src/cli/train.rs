@@ -149,15 +149,25 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         (None, true) => {
             let synthetic = out.join("synthetic-data");
             if !synthetic.exists() {
-                bail!("--resume {} needs --data: the run was not trained on the embedded synthetic data", out.display());
+                bail!(
+                    "--resume {} needs --data: the run was not trained on the embedded synthetic data",
+                    out.display()
+                );
             }
             synthetic
         }
         (None, false) => {
             let dir = out.join("synthetic-data");
             eprintln!("no --data: writing a synthetic ISIC 2019-layout dataset to {}", dir.display());
-            let s = synth(&SynthOptions { out: dir.clone(), n: 1200, seed: cfg.seed, faults: false, width: 160, height: 120 })
-                .context("making the synthetic dataset")?;
+            let s = synth(&SynthOptions {
+                out: dir.clone(),
+                n: 1200,
+                seed: cfg.seed,
+                faults: false,
+                width: 160,
+                height: 120,
+            })
+            .context("making the synthetic dataset")?;
             eprintln!("{} images, classes {:?}", s.rows, s.class_counts);
             dir
         }

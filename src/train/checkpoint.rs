@@ -138,13 +138,18 @@ pub fn load(path: &Path) -> Result<Loaded> {
     }
     let mut moments = Vec::new();
     for (n, m) in m_map {
-        let v = v_map.remove(&n).with_context(|| format!("{}: optimizer moment exp_avg_sq of {n} is missing", path.display()))?;
+        let v = v_map
+            .remove(&n)
+            .with_context(|| format!("{}: optimizer moment exp_avg_sq of {n} is missing", path.display()))?;
         moments.push((n, m, v));
     }
-    let model = EfficientNet::from_state_dict(weights.entries()).with_context(|| format!("loading {}", path.display()))?;
+    let model =
+        EfficientNet::from_state_dict(weights.entries()).with_context(|| format!("loading {}", path.display()))?;
     let s = &ckpt.meta.strings;
     let class_names = match s.get("class_names") {
-        Some(j) => serde_json::from_str::<Vec<String>>(j).with_context(|| format!("{}: bad class_names", path.display()))?,
+        Some(j) => {
+            serde_json::from_str::<Vec<String>>(j).with_context(|| format!("{}: bad class_names", path.display()))?
+        }
         None => default_class_names(model.config.num_classes),
     };
     if class_names.len() != model.config.num_classes {
@@ -156,7 +161,8 @@ pub fn load(path: &Path) -> Result<Loaded> {
     };
     let config = match &ckpt.meta.config {
         Some(c) if s.contains_key(STATE_KEY) => Some(
-            serde_json::from_value::<TrainConfig>(c.clone()).with_context(|| format!("{}: bad config", path.display()))?,
+            serde_json::from_value::<TrainConfig>(c.clone())
+                .with_context(|| format!("{}: bad config", path.display()))?,
         ),
         _ => None,
     };

@@ -126,7 +126,8 @@ pub fn evaluate(
         let b = batch.labels.len();
         let mut tape = Tape::inference();
         let x = tape.constant(Array::new(&[b, batch.size, batch.size, 3], batch.images)?);
-        let mut ctx = Ctx { train: false, dropout: false, stochastic_depth: false, frozen_bn_eval: true, rng: &mut rng };
+        let mut ctx =
+            Ctx { train: false, dropout: false, stochastic_depth: false, frozen_bn_eval: true, rng: &mut rng };
         let logits = model.forward(&mut tape, x, &mut ctx)?;
         let l = loss::loss(&mut tape, logits, &batch.labels, alpha, kind)?;
         loss_sum += tape.value(l).data[0] as f64 * b as f64;
@@ -154,7 +155,10 @@ fn resolve_device(cfg: &TrainConfig) -> Result<()> {
             eprintln!("note: training on the CPU: derma's CUDA training path is not wired yet ({} left idle)", g.name)
         }
         (Selected::Cuda(g), _) => {
-            bail!("training on CUDA ({}) is not available yet: the CUDA training path is not wired; use --device cpu", g.name)
+            bail!(
+                "training on CUDA ({}) is not available yet: the CUDA training path is not wired; use --device cpu",
+                g.name
+            )
         }
     }
     if cfg.precision == Precision::F16 {
@@ -220,7 +224,8 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
 
     let mut adamw = AdamW::new(cfg.adamw())?;
     let (mut model, mut state) = if run.resume {
-        let loaded = checkpoint::load(&last_path).with_context(|| format!("cannot resume from {}", run.out.display()))?;
+        let loaded =
+            checkpoint::load(&last_path).with_context(|| format!("cannot resume from {}", run.out.display()))?;
         if loaded.class_names != class_names {
             bail!(
                 "{} was trained on classes {:?}, the data has {:?}",
@@ -240,7 +245,9 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
         match &cfg.pretrained {
             Some(p) => {
                 let ckpt = crate::io::load_checkpoint(p)?;
-                model.load_backbone(ckpt.state_dict.entries()).with_context(|| format!("pretrained weights {}", p.display()))?;
+                model
+                    .load_backbone(ckpt.state_dict.entries())
+                    .with_context(|| format!("pretrained weights {}", p.display()))?;
             }
             None => eprintln!(
                 "warning: no --pretrained weights: the backbone starts from random initialisation (the seed fine-tunes \
@@ -375,7 +382,10 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
         }
         checkpoint::save(&last_path, &model, &adamw, &state, cfg, &class_names, cfg.image_size)?;
         if decision.stop {
-            eprintln!("early stopping: validation accuracy has not improved for {} epochs", cfg.early_stopping.patience);
+            eprintln!(
+                "early stopping: validation accuracy has not improved for {} epochs",
+                cfg.early_stopping.patience
+            );
             early_stopped = true;
             break;
         }
