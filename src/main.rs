@@ -39,6 +39,9 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     /// Class probabilities for image files (table, JSON or the ISIC 2019 submission CSV).
     Predict(cli::predict::PredictArgs),
+    /// Throughput benchmarks (images/s for inference and a training step).
+    #[command(subcommand)]
+    Bench(cli::bench::BenchCmd),
 }
 
 #[derive(Subcommand)]
@@ -172,6 +175,7 @@ fn main() {
         Command::GpuInfo(a) => derma::cuda::cli::run(&a),
         Command::Eval(a) => cli::eval::run_eval(a),
         Command::Predict(a) => cli::predict::run_predict(a),
+        Command::Bench(c) => cli::bench::run_bench(c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
