@@ -2,12 +2,13 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use derma::cuda::{self, DeviceRequest, Selected};
+use derma::cuda::{self, DeviceRequest};
 use derma::io;
 use derma::nn::summary::{render, summarize};
 use derma::nn::{EfficientNet, HeadKind, ModelConfig, Variant};
 use derma::ops::loss::LossKind;
 use derma::tools::forward;
+use derma::train::config::{LossKind as LossArg, Precision};
 use std::path::PathBuf;
 
 mod cli;
@@ -75,18 +76,6 @@ struct ExportArgs {
     out: PathBuf,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum Precision {
-    F32,
-    F16,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum LossArg {
-    Focal,
-    Ce,
-}
-
 #[derive(Args)]
 struct ForwardArgs {
     /// Model weights: torch.save .pth (state dict or the seed's checkpoint) or .safetensors.
@@ -114,19 +103,8 @@ fn load_model(path: &std::path::Path) -> Result<EfficientNet<f32>> {
     EfficientNet::from_state_dict(&ckpt.state_dict).with_context(|| format!("loading {}", path.display()))
 }
 
-/// Resolves `--device` for a command whose computation runs on the CPU reference backend only (so far).
-fn cpu_only(request: DeviceRequest, what: &str) -> Result<()> {
-    match cuda::select(request)? {
-        Selected::Cpu => Ok(()),
-        Selected::Cuda(g) => bail!(
-            "{what} on CUDA ({}) is not available yet: the CUDA model path is not wired; use --device cpu",
-            g.name
-        ),
-    }
-}
-
 fn run_forward(a: ForwardArgs) -> Result<()> {
-    cpu_only(a.device, "derma forward")?;
+    cuda::require_cpu_path(a.device, "derma forward")?;
     if a.precision == Precision::F16 {
         bail!("--precision f16 needs a CUDA device; the CPU reference computes in f32");
     }

@@ -7,7 +7,7 @@ use derma::data::{self, PrepareOptions};
 use derma::io::load_safetensors;
 use derma::ops::loss::LossKind;
 use derma::train::checkpoint::{self, TrainState};
-use derma::train::config::{DeviceChoice, TrainConfig};
+use derma::train::config::{DeviceRequest, TrainConfig};
 use derma::train::history::{EpochRecord, History};
 use derma::train::trainer::{self, TrainRun};
 use derma::train::unfreeze::{Stage, UnfreezeSchedule};
@@ -28,7 +28,7 @@ fn tiny_config(epochs: usize) -> TrainConfig {
         epochs,
         lr: 2e-3,
         workers: Some(1),
-        device: DeviceChoice::Cpu,
+        device: DeviceRequest::Cpu,
         ..TrainConfig::default()
     };
     c.early_stopping.patience = 0;

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use derma::cuda::{self, DeviceRequest, Selected};
+use derma::cuda::{self, DeviceRequest};
 use derma::data::{self, PrepareOptions};
 use derma::ops::loss::LossKind;
 use derma::train::checkpoint;
@@ -44,24 +44,6 @@ pub struct EvalArgs {
     device: DeviceRequest,
 }
 
-/// Resolves `--device` for inference, which runs on the CPU reference backend so far: `auto` falls back to the CPU
-/// with a note when a GPU is present, an explicit CUDA device is an error.
-pub fn resolve_device(request: DeviceRequest, what: &str) -> Result<()> {
-    match (cuda::select(request)?, request) {
-        (Selected::Cpu, _) => Ok(()),
-        (Selected::Cuda(g), DeviceRequest::Auto) => {
-            eprintln!("note: {what} runs on the CPU: derma's CUDA model path is not wired yet ({} left idle)", g.name);
-            Ok(())
-        }
-        (Selected::Cuda(g), _) => {
-            bail!(
-                "{what} on CUDA ({}) is not available yet: the CUDA model path is not wired; use --device cpu",
-                g.name
-            )
-        }
-    }
-}
-
 /// What `--json` prints: the report's fields plus what was scored.
 #[derive(Serialize)]
 struct EvalJson<'a> {
@@ -79,7 +61,7 @@ struct EvalJson<'a> {
 
 /// Loads the checkpoint, prepares the data at its image size and split, evaluates and prints the report.
 pub fn run_eval(a: EvalArgs) -> Result<()> {
-    resolve_device(a.device, "derma eval")?;
+    cuda::require_cpu_path(a.device, "derma eval")?;
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }

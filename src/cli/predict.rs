@@ -1,6 +1,5 @@
 //! `derma predict`: class probabilities for image files, as a table, JSON or an ISIC 2019 submission CSV.
 
-use super::eval::resolve_device;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use derma::autograd::Tape;
@@ -130,7 +129,7 @@ fn top_k(probs: &[f64], class_names: &[String], k: usize) -> Vec<Ranked> {
 /// Predicts every image (going on past unusable ones), prints or writes the results, then fails if any image
 /// could not be used.
 pub fn run_predict(a: PredictArgs) -> Result<()> {
-    resolve_device(a.device, "derma predict")?;
+    derma::cuda::require_cpu_path(a.device, "derma predict")?;
     if a.top == 0 {
         bail!("--top must be at least 1");
     }

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use derma::data::synth::{SynthOptions, synth};
-use derma::train::config::{BnFrozenMode, DeviceChoice, LossKind, Precision, TrainConfig};
+use derma::train::config::{BnFrozenMode, DeviceRequest, LossKind, Precision, TrainConfig};
 use derma::train::trainer::{self, TrainRun};
 use derma::train::unfreeze::{Stage, UnfreezeSchedule};
 use std::path::PathBuf;
@@ -40,18 +40,18 @@ pub struct TrainArgs {
     workers: Option<usize>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long)]
-    device: Option<DeviceChoice>,
-    #[arg(long, value_parser = parse_precision)]
+    device: Option<DeviceRequest>,
+    #[arg(long, value_enum)]
     precision: Option<Precision>,
     /// focal (the seed) or ce.
-    #[arg(long, value_parser = parse_loss)]
+    #[arg(long, value_enum)]
     loss: Option<LossKind>,
     /// Early-stopping patience in epochs (0 turns it off).
     #[arg(long)]
     patience: Option<u32>,
     /// Batch norm in frozen blocks: frozen-eval (derma's default: use and keep running statistics) or torch
     /// (batch statistics, running statistics updated, as PyTorch's train mode does).
-    #[arg(long, value_parser = parse_bn)]
+    #[arg(long, value_enum)]
     frozen_bn: Option<BnFrozenMode>,
     /// Stop after this many optimizer steps, saving as on Ctrl-C (for testing resumption).
     #[arg(long, hide = true)]
@@ -59,30 +59,6 @@ pub struct TrainArgs {
     /// Logs instead of progress bars.
     #[arg(long)]
     quiet: bool,
-}
-
-fn parse_precision(s: &str) -> Result<Precision, String> {
-    match s {
-        "f32" => Ok(Precision::F32),
-        "f16" => Ok(Precision::F16),
-        _ => Err(format!("expected f32 or f16, got {s:?}")),
-    }
-}
-
-fn parse_loss(s: &str) -> Result<LossKind, String> {
-    match s {
-        "focal" => Ok(LossKind::Focal),
-        "ce" => Ok(LossKind::Ce),
-        _ => Err(format!("expected focal or ce, got {s:?}")),
-    }
-}
-
-fn parse_bn(s: &str) -> Result<BnFrozenMode, String> {
-    match s {
-        "frozen-eval" => Ok(BnFrozenMode::FrozenEval),
-        "torch" => Ok(BnFrozenMode::Torch),
-        _ => Err(format!("expected frozen-eval or torch, got {s:?}")),
-    }
 }
 
 /// The embedded demonstration: small images and a compressed version of the seed's unfreezing schedule, so a

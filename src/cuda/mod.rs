@@ -26,8 +26,9 @@ pub mod build_info {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
-/// What the user asked for with `--device`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// What the user asked for with `--device` (also the `device` key of a training config, written as a string).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum DeviceRequest {
     /// The first CUDA device when one is usable, else the CPU (with a one-line notice on stderr).
     #[default]
@@ -65,6 +66,19 @@ impl fmt::Display for DeviceRequest {
             Self::Cpu => write!(f, "cpu"),
             Self::Cuda(n) => write!(f, "cuda:{n}"),
         }
+    }
+}
+
+impl TryFrom<String> for DeviceRequest {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<DeviceRequest> for String {
+    fn from(d: DeviceRequest) -> Self {
+        d.to_string()
     }
 }
 
@@ -466,5 +480,24 @@ mod tests {
         }
         assert!((sum / n as f64 - 0.5).abs() < 0.01);
         assert_ne!(uniform01(1, 0), uniform01(2, 0));
+    }
+}
+
+/// Resolves `--device` for work that runs on the CPU reference backend only (the model and the trainer do not use
+/// the CUDA path yet): `auto` with a usable GPU runs on the CPU with a notice, an explicit `cuda` is an error that
+/// says so, and a `cuda` request on a machine without one fails with what is missing.
+pub fn require_cpu_path(request: DeviceRequest, what: &str) -> Result<()> {
+    match (select(request)?, request) {
+        (Selected::Cpu, _) => Ok(()),
+        (Selected::Cuda(g), DeviceRequest::Auto) => {
+            eprintln!("note: {what} runs on the CPU: derma's CUDA model path is not wired yet ({} left idle)", g.name);
+            Ok(())
+        }
+        (Selected::Cuda(g), _) => {
+            bail!(
+                "{what} on CUDA ({}) is not available yet: the CUDA model path is not wired; use --device cpu",
+                g.name
+            )
+        }
     }
 }

@@ -17,7 +17,6 @@
 //! lr_multiplier = 1.0
 //! ```
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -30,7 +29,7 @@ use super::scaler::GradScalerConfig;
 use super::unfreeze::UnfreezeSchedule;
 
 /// Numeric precision of training.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// Everything in f32, no loss scaling.
@@ -39,58 +38,10 @@ pub enum Precision {
     F16,
 }
 
-/// Where to train.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub enum DeviceChoice {
-    /// CUDA device 0 when one is usable, else the CPU.
-    Auto,
-    /// The CPU reference backend.
-    Cpu,
-    /// A CUDA device by ordinal (`cuda` means `cuda:0`).
-    Cuda(usize),
-}
-
-impl fmt::Display for DeviceChoice {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            DeviceChoice::Auto => write!(f, "auto"),
-            DeviceChoice::Cpu => write!(f, "cpu"),
-            DeviceChoice::Cuda(i) => write!(f, "cuda:{i}"),
-        }
-    }
-}
-
-impl std::str::FromStr for DeviceChoice {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "auto" => Ok(DeviceChoice::Auto),
-            "cpu" => Ok(DeviceChoice::Cpu),
-            "cuda" => Ok(DeviceChoice::Cuda(0)),
-            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(i)) => Ok(DeviceChoice::Cuda(i)),
-                _ => bail!("unknown device {s:?}; use auto, cpu, cuda or cuda:N"),
-            },
-        }
-    }
-}
-
-impl TryFrom<String> for DeviceChoice {
-    type Error = anyhow::Error;
-    fn try_from(s: String) -> Result<Self> {
-        s.parse()
-    }
-}
-
-impl From<DeviceChoice> for String {
-    fn from(d: DeviceChoice) -> Self {
-        d.to_string()
-    }
-}
+pub use crate::cuda::DeviceRequest;
 
 /// How BatchNorm layers inside frozen backbone blocks behave during training.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum BnFrozenMode {
     /// Frozen blocks' BN normalise with, and keep, their running statistics (eval behaviour): frozen really means
@@ -102,7 +53,7 @@ pub enum BnFrozenMode {
 }
 
 /// The training loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LossKind {
     /// Focal loss over class-weighted cross-entropy (the seed).
@@ -160,7 +111,7 @@ pub struct TrainConfig {
     /// f32, or f16 mixed precision with loss scaling.
     pub precision: Precision,
     /// auto, cpu, cuda or cuda:N.
-    pub device: DeviceChoice,
+    pub device: DeviceRequest,
     /// BatchNorm behaviour in frozen blocks.
     pub bn_frozen_mode: BnFrozenMode,
     /// ImageNet weights to start from (torchvision's `.pth`); absent means random init.
@@ -202,7 +153,7 @@ impl Default for TrainConfig {
             seed: 42,
             workers: None,
             precision: Precision::F32,
-            device: DeviceChoice::Auto,
+            device: DeviceRequest::Auto,
             bn_frozen_mode: BnFrozenMode::FrozenEval,
             pretrained: None,
             head_dropout1: 0.5,
@@ -320,7 +271,7 @@ mod tests {
         c.workers = Some(3);
         c.pretrained = Some(PathBuf::from("weights/b0.pth"));
         c.class_weights = Some(vec![1.0, 2.5]);
-        c.device = DeviceChoice::Cuda(2);
+        c.device = DeviceRequest::Cuda(2);
         c.precision = Precision::F16;
         c.bn_frozen_mode = BnFrozenMode::Torch;
         c.loss = LossKind::Ce;
@@ -353,7 +304,7 @@ mod tests {
         let mut expected = TrainConfig {
             epochs: 30,
             precision: Precision::F16,
-            device: DeviceChoice::Cuda(1),
+            device: DeviceRequest::Cuda(1),
             bn_frozen_mode: BnFrozenMode::Torch,
             ..Default::default()
         };

@@ -11,7 +11,7 @@
 
 use super::adamw::AdamW;
 use super::checkpoint::{self, EpochProgress, TrainState};
-use super::config::{BnFrozenMode, ClassWeighting, DeviceChoice, LossKind as CfgLoss, Precision, TrainConfig};
+use super::config::{BnFrozenMode, ClassWeighting, LossKind as CfgLoss, Precision, TrainConfig};
 use super::early_stop::EarlyStopping;
 use super::history::{EpochRecord, History};
 use super::metrics::{Report, compute_report};
@@ -19,7 +19,7 @@ use super::plateau::ReduceLrOnPlateau;
 use super::plots;
 use super::scaler::GradScaler;
 use crate::autograd::Tape;
-use crate::cuda::{self, DeviceRequest, Selected};
+use crate::cuda;
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::{self, PrepareOptions, PreparedData, split_mix};
 use crate::nn::{Ctx, EfficientNet, HeadKind, ModelConfig};
@@ -144,23 +144,7 @@ pub fn evaluate(
 }
 
 fn resolve_device(cfg: &TrainConfig) -> Result<()> {
-    let request = match cfg.device {
-        DeviceChoice::Auto => DeviceRequest::Auto,
-        DeviceChoice::Cpu => DeviceRequest::Cpu,
-        DeviceChoice::Cuda(n) => DeviceRequest::Cuda(n),
-    };
-    match (cuda::select(request)?, cfg.device) {
-        (Selected::Cpu, _) => {}
-        (Selected::Cuda(g), DeviceChoice::Auto) => {
-            eprintln!("note: training on the CPU: derma's CUDA training path is not wired yet ({} left idle)", g.name)
-        }
-        (Selected::Cuda(g), _) => {
-            bail!(
-                "training on CUDA ({}) is not available yet: the CUDA training path is not wired; use --device cpu",
-                g.name
-            )
-        }
-    }
+    cuda::require_cpu_path(cfg.device, "training")?;
     if cfg.precision == Precision::F16 {
         bail!("precision f16 (mixed precision with loss scaling) needs the CUDA path; the CPU trains in f32");
     }
