@@ -26,16 +26,22 @@ pub struct TrainArgs {
     /// torchvision EfficientNet-B0 ImageNet weights (.pth or .safetensors) for the backbone.
     #[arg(long)]
     pretrained: Option<PathBuf>,
+    /// Maximum number of epochs [config default: 100].
     #[arg(long)]
     epochs: Option<usize>,
+    /// Images per optimizer step [config default: 32].
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Base learning rate (the head's; the backbone's is this times the stage multiplier) [default: 5e-5].
     #[arg(long)]
     lr: Option<f64>,
+    /// Square input size in pixels [default: 224].
     #[arg(long)]
     image_size: Option<usize>,
+    /// Seed of every random draw: split, initialisation, augmentation, dropout [default: 42].
     #[arg(long)]
     seed: Option<u64>,
+    /// Data-loading threads [default: min(6, cores)].
     #[arg(long)]
     workers: Option<usize>,
     /// auto, cpu, cuda or cuda:N.
