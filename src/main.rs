@@ -43,6 +43,9 @@ enum Command {
     /// Throughput benchmarks (images/s for inference and a training step).
     #[command(subcommand)]
     Bench(cli::bench::BenchCmd),
+    /// Every CUDA kernel, the cuBLASLt GEMM and the cuDNN conv against the CPU reference (f32 and f16, forward and
+    /// backward, fresh random inputs); exits non-zero on any mismatch or without a usable CUDA device.
+    Check(derma::cuda::check::CheckArgs),
 }
 
 #[derive(Subcommand)]
@@ -154,6 +157,7 @@ fn main() {
         Command::Eval(a) => cli::eval::run_eval(a),
         Command::Predict(a) => cli::predict::run_predict(a),
         Command::Bench(c) => cli::bench::run_bench(c),
+        Command::Check(a) => derma::cuda::check::run(&a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -8,6 +8,7 @@
 
 pub mod alloc;
 pub mod blas;
+pub mod check;
 pub mod cli;
 pub mod device;
 pub mod dnn;

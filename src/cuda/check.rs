@@ -1,0 +1,1184 @@
+//! `derma check`: every hand-written CUDA kernel, the cuBLASLt GEMM and the cuDNN convolution against the CPU
+//! reference in [`crate::ops`] (and the optimizer / loss scaler in [`crate::train`]), forward and backward, in f32
+//! and f16 storage, on fresh random inputs.
+//!
+//! Each check draws inputs (odd sizes such as N=3, 7×7 or 9×9, C=13 or 40, plus one aligned shape where the
+//! kernels take vectorised paths), rounds them to the storage type, uploads them, fills every GPU output with NaN
+//! before the launch (an element the kernel forgets to write shows up as a failure), runs the GPU op, runs the
+//! reference in f64 on the same rounded inputs, and compares every element.
+//!
+//! Error measure: `rel = max|got − ref| / max(max|ref|, 1e-30)` (max-norm relative error); any non-finite output
+//! where the reference is finite, or a length mismatch, fails regardless. Tolerances: f32 storage 1e-5, or 1e-4
+//! for outputs that are sums over many rows (batch-norm and depthwise weight gradients, pooling, loss), 5e-3 for
+//! cuDNN and cuBLASLt in f32 (tensor-op math: cuDNN runs with CUDNN_TENSOR_OP_MATH and cudarc's f32 matmul uses
+//! CUBLAS_COMPUTE_32F_FAST_TF32, so both may round inputs to TF32); f16 storage 1e-2.
+
+use anyhow::{Context, Result, bail};
+use half::f16;
+use serde::Serialize;
+use std::fmt::Write as _;
+
+use super::alloc::Block;
+use super::kernels::{
+    AdamParams, BnParams, DevSlice, DwParams, Elem, LossParams, Unary, bn_workspace_bytes, dw_weight_workspace_bytes,
+};
+use super::{DeviceRequest, Gpu, GpuInfo, Probe, Selected, build_info, parse_device, probe, select_from, uniform01};
+use crate::ops;
+use crate::ops::activation::Act;
+use crate::ops::batchnorm::{BnCfg, BnMode, BnState};
+use crate::ops::conv::{ConvCfg, ConvGeom};
+use crate::ops::loss::LossKind;
+use crate::train::adamw::{AdamW, AdamWConfig};
+use crate::train::scaler::{GradScaler, GradScalerConfig};
+
+/// Arguments of `derma check`.
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// CUDA device to check: cuda, cuda:N (auto means cuda:0; there is nothing to check on the CPU).
+    #[arg(long, default_value = "cuda", value_parser = parse_device)]
+    pub device: DeviceRequest,
+    /// Print the results as JSON: {device, seed, relative_error, results, failures, ptxas_resources}.
+    #[arg(long)]
+    pub json: bool,
+    /// Seed of the random inputs (default: from the clock, printed so a failure can be replayed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Only these op families (comma-separated); default all.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub family: Vec<Family>,
+}
+
+/// The op families `derma check` covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// SiLU / sigmoid / ReLU forward and backward, add, scale, axpy, casts.
+    Elementwise,
+    /// Batch-norm statistics, forward and backward (train and eval, with and without fused SiLU).
+    Batchnorm,
+    /// Depthwise convolution forward, backward data and backward weight.
+    Depthwise,
+    /// Squeeze-excitation global pool and channel scale, forward and backward.
+    Se,
+    /// Dropout and stochastic depth (masks reproduced on the CPU with [`uniform01`]).
+    Dropout,
+    /// Softmax + weighted cross-entropy / focal loss and its gradient.
+    Loss,
+    /// Gradient unscaling and the AdamW step.
+    Optim,
+    /// cuBLASLt GEMM.
+    Gemm,
+    /// cuDNN convolution forward, backward data and backward filter.
+    Conv,
+}
+
+impl Family {
+    /// Every family, in the order `derma check` runs them.
+    pub const ALL: [Family; 9] = [
+        Family::Elementwise,
+        Family::Batchnorm,
+        Family::Depthwise,
+        Family::Se,
+        Family::Dropout,
+        Family::Loss,
+        Family::Optim,
+        Family::Gemm,
+        Family::Conv,
+    ];
+
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Elementwise => "elementwise",
+            Self::Batchnorm => "batchnorm",
+            Self::Depthwise => "depthwise",
+            Self::Se => "se",
+            Self::Dropout => "dropout",
+            Self::Loss => "loss",
+            Self::Optim => "optim",
+            Self::Gemm => "gemm",
+            Self::Conv => "conv",
+        }
+    }
+}
+
+/// Storage type of a check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    /// 32-bit float storage.
+    F32,
+    /// 16-bit float storage (fp32 math inside the kernels).
+    F16,
+}
+
+impl Dtype {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+        }
+    }
+}
+
+/// How an output is computed, which sets its tolerance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accuracy {
+    /// Elementwise or short sums: rounding of the output only.
+    Elementwise,
+    /// Sums over many rows in f32 (reductions, GEMM): error grows with the row count.
+    Reduction,
+    /// cuDNN / cuBLASLt with tensor-op math allowed (TF32 for f32 storage).
+    TensorOp,
+}
+
+/// The tolerance on the max-norm relative error for a storage type and kind of output.
+pub fn tolerance(dtype: Dtype, acc: Accuracy) -> f64 {
+    match (dtype, acc) {
+        (Dtype::F32, Accuracy::Elementwise) => 1e-5,
+        (Dtype::F32, Accuracy::Reduction) => 1e-4,
+        (Dtype::F32, Accuracy::TensorOp) => 5e-3,
+        (Dtype::F16, _) => 1e-2,
+    }
+}
+
+/// Error of `got` against `want`: (max |Δ|, max |Δ| / max(max |want|, 1e-30)). Infinite when the lengths differ or
+/// an output is not finite where the reference is.
+pub fn max_errors(got: &[f64], want: &[f64]) -> (f64, f64) {
+    if got.len() != want.len() {
+        return (f64::INFINITY, f64::INFINITY);
+    }
+    let mut max_abs = 0.0f64;
+    let mut max_ref = 0.0f64;
+    for (&g, &w) in got.iter().zip(want) {
+        if !g.is_finite() && w.is_finite() || g.is_nan() {
+            return (f64::INFINITY, f64::INFINITY);
+        }
+        if w.is_finite() {
+            max_abs = max_abs.max((g - w).abs());
+            max_ref = max_ref.max(w.abs());
+        } else if g != w {
+            return (f64::INFINITY, f64::INFINITY);
+        }
+    }
+    (max_abs, max_abs / max_ref.max(1e-30))
+}
+
+/// One comparison.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckResult {
+    /// Op family.
+    pub family: Family,
+    /// Op and output, e.g. "bn_backward dx".
+    pub op: String,
+    /// Storage type.
+    pub dtype: Dtype,
+    /// Shape in words, e.g. "N=3 H=W=7 C=13".
+    pub shape: String,
+    /// max |got − ref| (infinite when an output is NaN/inf or missing).
+    pub max_abs_err: f64,
+    /// max |got − ref| / max |ref|.
+    pub rel_err: f64,
+    /// Tolerance on `rel_err`.
+    pub tol: f64,
+    /// rel_err <= tol (and every output finite).
+    pub pass: bool,
+}
+
+/// Compares `got` with `want` and builds the result row.
+pub fn judge(family: Family, op: &str, dtype: Dtype, shape: &str, got: &[f64], want: &[f64], tol: f64) -> CheckResult {
+    let (max_abs_err, rel_err) = max_errors(got, want);
+    CheckResult {
+        family,
+        op: op.to_string(),
+        dtype,
+        shape: shape.to_string(),
+        max_abs_err,
+        rel_err,
+        tol,
+        pass: rel_err.is_finite() && rel_err <= tol,
+    }
+}
+
+/// The device `derma check` runs on: a usable CUDA device by the same rule as [`super::select`], an error naming
+/// what is missing otherwise (`auto` does not fall back to the CPU here: there is nothing to compare there).
+pub fn device_for_check(p: &Probe, request: DeviceRequest) -> Result<GpuInfo> {
+    let ordinal = match request {
+        DeviceRequest::Cpu => bail!(
+            "derma check compares the CUDA kernels with the CPU reference, so it needs a CUDA device: use --device \
+             cuda or --device cuda:N"
+        ),
+        DeviceRequest::Auto => 0,
+        DeviceRequest::Cuda(n) => n,
+    };
+    match select_from(p, ordinal) {
+        Ok(Selected::Cuda(g)) => Ok(g),
+        Ok(Selected::Cpu) => bail!("derma check needs a CUDA device, and cuda:{ordinal} resolved to the CPU"),
+        Err(missing) => bail!(
+            "derma check needs a CUDA device, and {} cannot be used:\n  - {}",
+            if request == DeviceRequest::Auto {
+                "the first one (--device auto)".to_string()
+            } else {
+                request.to_string()
+            },
+            missing.join("\n  - ")
+        ),
+    }
+}
+
+/// Storage element types with conversions to and from f64 (for rounding inputs and reading outputs).
+pub trait Store: Elem + Default + Clone {
+    /// Which storage type.
+    const DTYPE: Dtype;
+    /// Rounds an f64 to this type.
+    fn from_f64(v: f64) -> Self;
+    /// Widens to f64.
+    fn to_f64(self) -> f64;
+}
+
+impl Store for f32 {
+    const DTYPE: Dtype = Dtype::F32;
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+}
+
+impl Store for f16 {
+    const DTYPE: Dtype = Dtype::F16;
+    fn from_f64(v: f64) -> Self {
+        f16::from_f64(v)
+    }
+    fn to_f64(self) -> f64 {
+        f16::to_f64(self)
+    }
+}
+
+/// splitmix64: reproducible inputs from `--seed` without tying the check to a rand version.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    fn sym(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (2.0 / (1u64 << 53) as f64) - 1.0
+    }
+}
+
+/// The state of one family's run: device, random source, results so far.
+struct Ctx<'g> {
+    g: &'g Gpu,
+    rng: SplitMix,
+    family: Family,
+    out: Vec<CheckResult>,
+}
+
+fn s(b: &Block) -> DevSlice<'_> {
+    DevSlice::of(b)
+}
+
+impl<'g> Ctx<'g> {
+    /// `n` values uniform in [offset − scale, offset + scale), rounded to `T`: (the rounded values, a device copy).
+    fn rand<T: Store>(&mut self, n: usize, scale: f64, offset: f64) -> Result<(Vec<f64>, Block)> {
+        let host: Vec<T> = (0..n).map(|_| T::from_f64(offset + scale * self.rng.sym())).collect();
+        let b = self.g.upload(&host)?;
+        Ok((host.into_iter().map(T::to_f64).collect(), b))
+    }
+
+    /// Uploads `v` rounded to `T`.
+    fn put<T: Store>(&self, v: &[f64]) -> Result<Block> {
+        let host: Vec<T> = v.iter().map(|&x| T::from_f64(x)).collect();
+        self.g.upload(&host)
+    }
+
+    /// `n` NaNs of `T` on the device.
+    fn poison<T: Store>(&self, n: usize) -> Result<Block> {
+        self.g.upload(&vec![T::from_f64(f64::NAN); n])
+    }
+
+    /// The first `n` values of `b` as f64 (waits for the queued launches).
+    fn fetch<T: Store>(&self, b: &Block, n: usize) -> Result<Vec<f64>> {
+        Ok(self.g.download::<T>(b, n)?.into_iter().map(T::to_f64).collect())
+    }
+
+    fn record(&mut self, op: &str, dtype: Dtype, shape: &str, got: &[f64], want: &[f64], acc: Accuracy) {
+        let r = judge(self.family, op, dtype, shape, got, want, tolerance(dtype, acc));
+        self.out.push(r);
+    }
+}
+
+/// Runs one family's checks on `gpu` with inputs from `seed`. An `Err` means a launch or copy failed (itself a
+/// finding); numerical mismatches are rows with `pass: false`.
+pub fn check_family(gpu: &Gpu, family: Family, seed: u64) -> Result<Vec<CheckResult>> {
+    let mut c =
+        Ctx { g: gpu, rng: SplitMix(seed ^ (family as u64).wrapping_mul(0x2545f4914f6cdd1d)), family, out: vec![] };
+    let r = match family {
+        Family::Elementwise => {
+            elementwise::<f32>(&mut c).and_then(|_| elementwise::<f16>(&mut c)).and_then(|_| casts(&mut c))
+        }
+        Family::Batchnorm => batchnorm::<f32>(&mut c).and_then(|_| batchnorm::<f16>(&mut c)),
+        Family::Depthwise => depthwise::<f32>(&mut c).and_then(|_| depthwise::<f16>(&mut c)),
+        Family::Se => se::<f32>(&mut c).and_then(|_| se::<f16>(&mut c)),
+        Family::Dropout => dropout::<f32>(&mut c).and_then(|_| dropout::<f16>(&mut c)),
+        Family::Loss => loss::<f32>(&mut c).and_then(|_| loss::<f16>(&mut c)),
+        Family::Optim => optim(&mut c),
+        Family::Gemm => gemm(&mut c),
+        Family::Conv => conv::<f32>(&mut c).and_then(|_| conv::<f16>(&mut c)),
+    };
+    r.with_context(|| format!("checking the {} kernels", family.name()))?;
+    Ok(c.out)
+}
+
+fn act_of(op: Unary) -> Act {
+    match op {
+        Unary::Silu => Act::Silu,
+        Unary::Sigmoid => Act::Sigmoid,
+        Unary::Relu => Act::Relu,
+    }
+}
+
+fn elementwise<T: Store>(c: &mut Ctx) -> Result<()> {
+    let (g, dt) = (c.g, T::DTYPE);
+    // 3·7·7·13 (odd), 4096 (aligned, vectorised path), 7 (shorter than one vector).
+    for n in [3 * 7 * 7 * 13, 4096, 7] {
+        let shape = format!("n={n}");
+        let (x, bx) = c.rand::<T>(n, 6.0, 0.0)?;
+        let (dy, bdy) = c.rand::<T>(n, 1.0, 0.0)?;
+        for op in [Unary::Silu, Unary::Sigmoid, Unary::Relu] {
+            let act = act_of(op);
+            let y = c.poison::<T>(n)?;
+            g.kernels.unary::<T>(&g.stream, op, s(&y), s(&bx), n)?;
+            let mut want = vec![0.0; n];
+            ops::activation::forward(act, &x, &mut want);
+            let got = c.fetch::<T>(&y, n)?;
+            c.record(&format!("{}_fwd", act.name()), dt, &shape, &got, &want, Accuracy::Elementwise);
+            // Sigmoid's backward takes the forward output: give it the reference output rounded to T.
+            let saved = if op == Unary::Sigmoid { c.put::<T>(&want)? } else { c.put::<T>(&x)? };
+            let dx = c.poison::<T>(n)?;
+            g.kernels.unary_backward::<T>(&g.stream, op, s(&dx), s(&saved), s(&bdy), n)?;
+            let mut want = vec![0.0; n];
+            ops::activation::backward(act, &x, &dy, &mut want);
+            let got = c.fetch::<T>(&dx, n)?;
+            c.record(&format!("{}_bwd", act.name()), dt, &shape, &got, &want, Accuracy::Elementwise);
+        }
+        let y = c.poison::<T>(n)?;
+        g.kernels.add::<T>(&g.stream, s(&y), s(&bx), s(&bdy), n)?;
+        let mut want = vec![0.0; n];
+        ops::elementwise::add_forward(&x, &dy, &mut want);
+        let got = c.fetch::<T>(&y, n)?;
+        c.record("add", dt, &shape, &got, &want, Accuracy::Elementwise);
+        let y = c.poison::<T>(n)?;
+        g.kernels.scale::<T>(&g.stream, s(&y), s(&bx), -0.5, n, false)?;
+        let want: Vec<f64> = x.iter().map(|v| -0.5 * v).collect();
+        let got = c.fetch::<T>(&y, n)?;
+        c.record("scale", dt, &shape, &got, &want, Accuracy::Elementwise);
+        // axpy onto the rounded scale output: y = -0.5 x + 2 dy.
+        let base: Vec<f64> = got.clone();
+        g.kernels.scale::<T>(&g.stream, s(&y), s(&bdy), 2.0, n, true)?;
+        let want: Vec<f64> = base.iter().zip(&dy).map(|(b, d)| b + 2.0 * d).collect();
+        let got = c.fetch::<T>(&y, n)?;
+        c.record("axpy", dt, &shape, &got, &want, Accuracy::Elementwise);
+    }
+    // A view offset by one element is not 16-byte aligned: the kernels must take their scalar path.
+    let n = 1001;
+    let (x, bx) = c.rand::<T>(n + 1, 3.0, 0.0)?;
+    let y = c.poison::<T>(n + 1)?;
+    let es = size_of::<T>();
+    g.kernels.unary::<T>(
+        &g.stream,
+        Unary::Silu,
+        DevSlice::range(&y, es, n * es)?,
+        DevSlice::range(&bx, es, n * es)?,
+        n,
+    )?;
+    let got = c.fetch::<T>(&y, n + 1)?;
+    let mut want = vec![0.0; n];
+    ops::activation::forward(Act::Silu, &x[1..], &mut want);
+    c.record("silu_fwd (view at +1 element)", dt, &format!("n={n}"), &got[1..], &want, Accuracy::Elementwise);
+    // The element before the view must stay untouched (NaN).
+    let untouched = if got[0].is_nan() { 0.0 } else { f64::INFINITY };
+    c.record("silu_fwd (no write before the view)", dt, "1", &[untouched], &[0.0], Accuracy::Elementwise);
+    Ok(())
+}
+
+fn casts(c: &mut Ctx) -> Result<()> {
+    let g = c.g;
+    for n in [1003usize, 4096] {
+        let shape = format!("n={n}");
+        let (x, bx) = c.rand::<f32>(n, 100.0, 0.0)?;
+        let y = c.poison::<f16>(n)?;
+        g.kernels.cast(&g.stream, s(&y), s(&bx), n, true)?;
+        let want: Vec<f64> = x.iter().map(|&v| f16::from_f64(v).to_f64()).collect();
+        let got = c.fetch::<f16>(&y, n)?;
+        // Round-to-nearest-even both sides: exact.
+        let r = judge(c.family, "cast f32->f16", Dtype::F16, &shape, &got, &want, 0.0);
+        c.out.push(r);
+        let (h, bh) = c.rand::<f16>(n, 100.0, 0.0)?;
+        let y = c.poison::<f32>(n)?;
+        g.kernels.cast(&g.stream, s(&y), s(&bh), n, false)?;
+        let got = c.fetch::<f32>(&y, n)?;
+        let r = judge(c.family, "cast f16->f32", Dtype::F32, &shape, &got, &h, 0.0);
+        c.out.push(r);
+    }
+    Ok(())
+}
+
+fn batchnorm<T: Store>(c: &mut Ctx) -> Result<()> {
+    let (g, dt) = (c.g, T::DTYPE);
+    let (eps, momentum) = (1e-3, 0.1);
+    let cfg = BnCfg { eps, momentum };
+    // (rows N·H·W, channels, fused SiLU); the last has rows_split > 1 and C a multiple of 8.
+    for (n, hw, ch, silu) in [(3, 7, 13, true), (3, 9, 40, true), (3, 9, 40, false), (8, 16, 32, true)] {
+        let m = n * hw * hw;
+        let shape = format!("N={n} H=W={hw} C={ch}{}", if silu { " +SiLU" } else { "" });
+        let act = silu.then_some(Act::Silu);
+        // An offset mean: a one-pass E[x²]−E[x]² would lose digits here.
+        let (x, bx) = c.rand::<T>(m * ch, 2.0, 3.0)?;
+        let (dy, bdy) = c.rand::<T>(m * ch, 1.0, 0.0)?;
+        let (gamma, bgam) = c.rand::<f32>(ch, 0.5, 1.0)?;
+        let (beta, bbet) = c.rand::<f32>(ch, 0.5, 0.0)?;
+        let p = BnParams {
+            m: m as i64,
+            c: ch as i32,
+            act: silu as i32,
+            eps: eps as f32,
+            momentum: momentum as f32,
+            training: 1,
+            rows_split: 0,
+        };
+        // Training: batch statistics, running stats updated, gradient through the statistics.
+        let mut state = BnState::<f64>::new(ch);
+        let mut want_y = vec![0.0; m * ch];
+        let (rmean, rinv) = ops::batchnorm::forward(
+            &x,
+            ch,
+            &gamma,
+            &beta,
+            &mut state,
+            BnMode::Train { update_running: true },
+            cfg,
+            act,
+            &mut want_y,
+        )?;
+        let (mean, invstd) = (c.poison::<f32>(ch)?, c.poison::<f32>(ch)?);
+        let rm = c.put::<f32>(&vec![0.0; ch])?;
+        let rv = c.put::<f32>(&vec![1.0; ch])?;
+        let ws = g.zeros(bn_workspace_bytes(m as i64, ch as i32))?;
+        g.kernels.bn_stats::<T>(&g.stream, &p, s(&bx), s(&mean), s(&invstd), Some(s(&rm)), Some(s(&rv)), s(&ws))?;
+        let y = c.poison::<T>(m * ch)?;
+        g.kernels.bn_forward::<T>(&g.stream, &p, s(&y), s(&bx), s(&mean), s(&invstd), s(&bgam), s(&bbet))?;
+        let (dx, dgam, dbet, sums) =
+            (c.poison::<T>(m * ch)?, c.poison::<f32>(ch)?, c.poison::<f32>(ch)?, c.poison::<f32>(2 * ch)?);
+        g.kernels.bn_backward::<T>(
+            &g.stream,
+            &p,
+            s(&dx),
+            s(&bx),
+            s(&bdy),
+            s(&mean),
+            s(&invstd),
+            s(&bgam),
+            s(&bbet),
+            Some(s(&dgam)),
+            Some(s(&dbet)),
+            s(&ws),
+            s(&sums),
+        )?;
+        let (mut wdx, mut wdg, mut wdb) = (vec![0.0; m * ch], vec![0.0; ch], vec![0.0; ch]);
+        ops::batchnorm::backward(
+            &x,
+            ch,
+            &gamma,
+            &beta,
+            &rmean,
+            &rinv,
+            true,
+            act,
+            &dy,
+            Some(&mut wdx),
+            Some(&mut wdg),
+            Some(&mut wdb),
+        );
+        // Statistics are f32 whatever the storage: judge them at f32 reduction tolerance.
+        let got = c.fetch::<f32>(&mean, ch)?;
+        c.record("bn_stats mean", Dtype::F32, &shape, &got, &rmean, Accuracy::Reduction);
+        let got = c.fetch::<f32>(&invstd, ch)?;
+        c.record("bn_stats invstd", Dtype::F32, &shape, &got, &rinv, Accuracy::Reduction);
+        let got = c.fetch::<f32>(&rm, ch)?;
+        c.record("bn_stats running_mean", Dtype::F32, &shape, &got, &state.running_mean, Accuracy::Reduction);
+        let got = c.fetch::<f32>(&rv, ch)?;
+        c.record("bn_stats running_var", Dtype::F32, &shape, &got, &state.running_var, Accuracy::Reduction);
+        let got = c.fetch::<T>(&y, m * ch)?;
+        c.record("bn_forward (train) y", dt, &shape, &got, &want_y, Accuracy::Elementwise);
+        let got = c.fetch::<T>(&dx, m * ch)?;
+        c.record("bn_backward (train) dx", dt, &shape, &got, &wdx, Accuracy::Reduction);
+        let got = c.fetch::<f32>(&dgam, ch)?;
+        c.record("bn_backward (train) dgamma", Dtype::F32.max_of(dt), &shape, &got, &wdg, Accuracy::Reduction);
+        let got = c.fetch::<f32>(&dbet, ch)?;
+        c.record("bn_backward (train) dbeta", Dtype::F32.max_of(dt), &shape, &got, &wdb, Accuracy::Reduction);
+
+        // Eval: running statistics, the gradient treats them as constants.
+        let (rmv, brm) = c.rand::<f32>(ch, 0.5, 3.0)?;
+        let (rvv, brv) = c.rand::<f32>(ch, 0.5, 1.5)?;
+        let mut state = BnState { running_mean: rmv.clone(), running_var: rvv.clone(), num_batches_tracked: 0 };
+        let mut want_y = vec![0.0; m * ch];
+        let (emean, einv) =
+            ops::batchnorm::forward(&x, ch, &gamma, &beta, &mut state, BnMode::Eval, cfg, act, &mut want_y)?;
+        let pe = BnParams { training: 0, ..p };
+        let (mean, invstd) = (c.poison::<f32>(ch)?, c.poison::<f32>(ch)?);
+        g.kernels.bn_eval_stats(&g.stream, &pe, s(&brm), s(&brv), s(&mean), s(&invstd))?;
+        let y = c.poison::<T>(m * ch)?;
+        g.kernels.bn_forward::<T>(&g.stream, &pe, s(&y), s(&bx), s(&mean), s(&invstd), s(&bgam), s(&bbet))?;
+        let (dx, dgam, dbet, sums) =
+            (c.poison::<T>(m * ch)?, c.poison::<f32>(ch)?, c.poison::<f32>(ch)?, c.poison::<f32>(2 * ch)?);
+        g.kernels.bn_backward::<T>(
+            &g.stream,
+            &pe,
+            s(&dx),
+            s(&bx),
+            s(&bdy),
+            s(&mean),
+            s(&invstd),
+            s(&bgam),
+            s(&bbet),
+            Some(s(&dgam)),
+            Some(s(&dbet)),
+            s(&ws),
+            s(&sums),
+        )?;
+        let (mut wdx, mut wdg, mut wdb) = (vec![0.0; m * ch], vec![0.0; ch], vec![0.0; ch]);
+        ops::batchnorm::backward(
+            &x,
+            ch,
+            &gamma,
+            &beta,
+            &emean,
+            &einv,
+            false,
+            act,
+            &dy,
+            Some(&mut wdx),
+            Some(&mut wdg),
+            Some(&mut wdb),
+        );
+        let got = c.fetch::<f32>(&invstd, ch)?;
+        c.record("bn_eval_stats invstd", Dtype::F32, &shape, &got, &einv, Accuracy::Elementwise);
+        let got = c.fetch::<T>(&y, m * ch)?;
+        c.record("bn_forward (eval) y", dt, &shape, &got, &want_y, Accuracy::Elementwise);
+        let got = c.fetch::<T>(&dx, m * ch)?;
+        c.record("bn_backward (eval) dx", dt, &shape, &got, &wdx, Accuracy::Elementwise);
+        let got = c.fetch::<f32>(&dgam, ch)?;
+        c.record("bn_backward (eval) dgamma", Dtype::F32.max_of(dt), &shape, &got, &wdg, Accuracy::Reduction);
+        let got = c.fetch::<f32>(&dbet, ch)?;
+        c.record("bn_backward (eval) dbeta", Dtype::F32.max_of(dt), &shape, &got, &wdb, Accuracy::Reduction);
+    }
+    Ok(())
+}
+
+impl Dtype {
+    /// The looser of two storage types: an f32 output computed from f16 inputs is judged at the f16 tolerance.
+    fn max_of(self, other: Dtype) -> Dtype {
+        if self == Dtype::F16 || other == Dtype::F16 { Dtype::F16 } else { Dtype::F32 }
+    }
+}
+
+fn depthwise<T: Store>(c: &mut Ctx) -> Result<()> {
+    let (g, dt) = (c.g, T::DTYPE);
+    // (N, H, W, C, k, stride); the last is aligned (C a multiple of 8).
+    for (n, h, w, ch, k, st) in [(3, 7, 7, 13, 3, 1), (3, 9, 9, 40, 5, 2), (3, 9, 7, 13, 3, 2), (2, 8, 8, 32, 5, 1)] {
+        let pad = (k - 1) / 2;
+        let geom = ConvGeom::new(&[n, h, w, ch], &[ch, k, k, 1], ConvCfg { stride: st, pad, groups: ch })?;
+        let (ho, wo) = (geom.oh, geom.ow);
+        let p = DwParams {
+            n: n as i32,
+            h: h as i32,
+            w: w as i32,
+            c: ch as i32,
+            ho: ho as i32,
+            wo: wo as i32,
+            k: k as i32,
+            stride: st as i32,
+            pad: pad as i32,
+            rows_split: 0,
+        };
+        let shape = format!("N={n} H={h} W={w} C={ch} k={k} s={st}");
+        let (nx, ny, nw) = (n * h * w * ch, n * ho * wo * ch, k * k * ch);
+        let (x, bx) = c.rand::<T>(nx, 1.0, 0.0)?;
+        let (dy, bdy) = c.rand::<T>(ny, 1.0, 0.0)?;
+        // The GPU weights are [k, k, C]; the reference's are [C, k, k, 1].
+        let (wk, bw) = c.rand::<T>(nw, 1.0, 0.0)?;
+        let to_ref = |v: &[f64]| -> Vec<f64> { (0..nw).map(|i| v[(i % (k * k)) * ch + i / (k * k)]).collect() };
+        let from_ref = |v: &[f64]| -> Vec<f64> { (0..nw).map(|i| v[(i % ch) * k * k + i / ch]).collect() };
+        let wr = to_ref(&wk);
+        let y = c.poison::<T>(ny)?;
+        g.kernels.dw_forward::<T>(&g.stream, &p, s(&y), s(&bx), s(&bw))?;
+        let mut want = vec![0.0; ny];
+        ops::conv::forward(&geom, &x, &wr, None, &mut want);
+        let got = c.fetch::<T>(&y, ny)?;
+        c.record("dw_forward y", dt, &shape, &got, &want, Accuracy::Elementwise);
+        let dx = c.poison::<T>(nx)?;
+        g.kernels.dw_backward_data::<T>(&g.stream, &p, s(&dx), s(&bdy), s(&bw))?;
+        let mut want = vec![0.0; nx];
+        ops::conv::backward_data(&geom, &dy, &wr, &mut want);
+        let got = c.fetch::<T>(&dx, nx)?;
+        c.record("dw_backward_data dx", dt, &shape, &got, &want, Accuracy::Elementwise);
+        let dw = c.poison::<f32>(nw)?;
+        let ws = g.zeros(dw_weight_workspace_bytes(&p))?;
+        g.kernels.dw_backward_weight::<T>(&g.stream, &p, s(&dw), s(&bx), s(&bdy), s(&ws), false)?;
+        let mut want_r = vec![0.0; nw];
+        ops::conv::backward_weight(&geom, &x, &dy, &mut want_r);
+        let want = from_ref(&want_r);
+        let got = c.fetch::<f32>(&dw, nw)?;
+        c.record("dw_backward_weight dw", Dtype::F32.max_of(dt), &shape, &got, &want, Accuracy::Reduction);
+        g.kernels.dw_backward_weight::<T>(&g.stream, &p, s(&dw), s(&bx), s(&bdy), s(&ws), true)?;
+        let twice: Vec<f64> = want.iter().map(|v| 2.0 * v).collect();
+        let got = c.fetch::<f32>(&dw, nw)?;
+        c.record(
+            "dw_backward_weight dw (accumulate)",
+            Dtype::F32.max_of(dt),
+            &shape,
+            &got,
+            &twice,
+            Accuracy::Reduction,
+        );
+    }
+    Ok(())
+}
+
+fn se<T: Store>(c: &mut Ctx) -> Result<()> {
+    let (g, dt) = (c.g, T::DTYPE);
+    for (n, hw, ch) in [(3usize, 49usize, 13usize), (3, 81, 40), (4, 196, 32), (2, 1, 7)] {
+        let shape = format!("N={n} HW={hw} C={ch}");
+        let (nt, nc) = (n * hw * ch, n * ch);
+        let (x, bx) = c.rand::<T>(nt, 1.0, 0.0)?;
+        let (dy, bdy) = c.rand::<T>(nt, 1.0, 0.0)?;
+        let (sc, bs) = c.rand::<T>(nc, 1.0, 0.0)?;
+        let (dp, bdp) = c.rand::<T>(nc, 1.0, 0.0)?;
+        let (ni, hwi, ci) = (n as i32, hw as i32, ch as i32);
+        let pooled = c.poison::<T>(nc)?;
+        g.kernels.se_pool::<T>(&g.stream, s(&pooled), s(&bx), ni, hwi, ci)?;
+        let mut want = vec![0.0; nc];
+        ops::pool::forward(&x, n, hw, ch, &mut want);
+        let got = c.fetch::<T>(&pooled, nc)?;
+        c.record("se_pool", dt, &shape, &got, &want, Accuracy::Reduction);
+        let pdx = c.poison::<T>(nt)?;
+        g.kernels.se_pool_backward::<T>(&g.stream, s(&pdx), s(&bdp), ni, hwi, ci)?;
+        let mut want = vec![0.0; nt];
+        ops::pool::backward(&dp, hw, ch, &mut want);
+        let got = c.fetch::<T>(&pdx, nt)?;
+        c.record("se_pool_backward dx", dt, &shape, &got, &want, Accuracy::Elementwise);
+        let y = c.poison::<T>(nt)?;
+        g.kernels.se_scale::<T>(&g.stream, s(&y), s(&bx), s(&bs), ni, hwi, ci)?;
+        let mut want = vec![0.0; nt];
+        ops::scale::forward(&x, &sc, hw, ch, &mut want);
+        let got = c.fetch::<T>(&y, nt)?;
+        c.record("se_scale y", dt, &shape, &got, &want, Accuracy::Elementwise);
+        let (dx, ds) = (c.poison::<T>(nt)?, c.poison::<T>(nc)?);
+        g.kernels.se_scale_backward::<T>(&g.stream, Some(s(&dx)), s(&ds), s(&bx), s(&bs), s(&bdy), (ni, hwi, ci))?;
+        let (mut wdx, mut wds) = (vec![0.0; nt], vec![0.0; nc]);
+        ops::scale::backward(&x, &sc, &dy, hw, ch, Some(&mut wdx), Some(&mut wds));
+        let got = c.fetch::<T>(&dx, nt)?;
+        c.record("se_scale_backward dx", dt, &shape, &got, &wdx, Accuracy::Elementwise);
+        let got = c.fetch::<T>(&ds, nc)?;
+        c.record("se_scale_backward dscale", dt, &shape, &got, &wds, Accuracy::Reduction);
+        let ds = c.poison::<T>(nc)?;
+        g.kernels.se_scale_backward::<T>(&g.stream, None, s(&ds), s(&bx), s(&bs), s(&bdy), (ni, hwi, ci))?;
+        let got = c.fetch::<T>(&ds, nc)?;
+        c.record("se_scale_backward dscale (no dx)", dt, &shape, &got, &wds, Accuracy::Reduction);
+    }
+    Ok(())
+}
+
+fn dropout<T: Store>(c: &mut Ctx) -> Result<()> {
+    let (g, dt) = (c.g, T::DTYPE);
+    let seed = c.rng.next_u64();
+    for (n, p) in [(3 * 9 * 9 * 40usize, 0.3f32), (4096, 0.2)] {
+        let shape = format!("n={n} p={p}");
+        let keep = 1.0 / (1.0 - p as f64);
+        let (x, bx) = c.rand::<T>(n, 1.0, 0.0)?;
+        let y = c.poison::<T>(n)?;
+        g.kernels.dropout::<T>(&g.stream, s(&y), s(&bx), p, seed, n)?;
+        let mask: Vec<f64> = (0..n).map(|i| if uniform01(seed, i as u64) >= p { keep } else { 0.0 }).collect();
+        let mut want = vec![0.0; n];
+        ops::dropout::forward(&x, &mask, 1, &mut want);
+        let got = c.fetch::<T>(&y, n)?;
+        c.record("dropout", dt, &shape, &got, &want, Accuracy::Elementwise);
+    }
+    // Stochastic depth: one coin per sample of H·W·C elements; forward adds the residual, backward does not.
+    for (n, per, p) in [(3usize, 7 * 7 * 13usize, 0.5f32), (8, 8 * 8 * 32, 0.2)] {
+        let shape = format!("N={n} per_sample={per} p={p}");
+        let total = n * per;
+        let keep = 1.0 / (1.0 - p as f64);
+        let (x, bx) = c.rand::<T>(total, 1.0, 0.0)?;
+        let (res, bres) = c.rand::<T>(total, 1.0, 0.0)?;
+        let mask: Vec<f64> = (0..n).map(|i| if uniform01(seed, i as u64) >= p { keep } else { 0.0 }).collect();
+        let mut scaled = vec![0.0; total];
+        ops::dropout::forward(&x, &mask, per, &mut scaled);
+        let y = c.poison::<T>(total)?;
+        g.kernels.stochastic_depth::<T>(&g.stream, s(&y), s(&bx), Some(s(&bres)), p, seed, (total, per))?;
+        let mut want = vec![0.0; total];
+        ops::elementwise::add_forward(&res, &scaled, &mut want);
+        let got = c.fetch::<T>(&y, total)?;
+        c.record("stochastic_depth (+residual)", dt, &shape, &got, &want, Accuracy::Elementwise);
+        let y = c.poison::<T>(total)?;
+        g.kernels.stochastic_depth::<T>(&g.stream, s(&y), s(&bx), None, p, seed, (total, per))?;
+        let got = c.fetch::<T>(&y, total)?;
+        c.record("stochastic_depth backward", dt, &shape, &got, &scaled, Accuracy::Elementwise);
+    }
+    Ok(())
+}
+
+fn loss<T: Store>(c: &mut Ctx) -> Result<()> {
+    let (g, dt) = (c.g, T::DTYPE);
+    for (b, k) in [(37usize, 8usize), (5, 13), (256, 8)] {
+        let (logits, bl) = c.rand::<T>(b * k, 4.0, 0.0)?;
+        let targets: Vec<usize> = (0..b).map(|_| (c.rng.next_u64() % k as u64) as usize).collect();
+        let t32: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
+        let bt = g.upload(&t32)?;
+        let (alpha, ba) = c.rand::<f32>(k, 0.4, 1.0)?;
+        for (kind, grad_scale) in [
+            (LossKind::CrossEntropy, 1.0f32),
+            (LossKind::Focal { gamma: 2.0 }, 1.0),
+            (LossKind::Focal { gamma: 0.5 }, 1024.0),
+        ] {
+            let (focal, gamma) = match kind {
+                LossKind::Focal { gamma } => (1, gamma as f32),
+                LossKind::CrossEntropy => (0, 0.0),
+            };
+            let shape = format!(
+                "B={b} K={k} {} scale={grad_scale}",
+                if focal == 1 { format!("focal γ={gamma}") } else { "CE".into() }
+            );
+            let p = LossParams { b: b as i32, k: k as i32, focal, gamma, grad_scale, pad_: 0 };
+            let (lo, dl, probs, bad) =
+                (c.poison::<f32>(1)?, c.poison::<T>(b * k)?, c.poison::<f32>(b * k)?, g.zeros(4)?);
+            g.kernels.softmax_loss::<T>(
+                &g.stream,
+                &p,
+                s(&lo),
+                s(&dl),
+                Some(s(&probs)),
+                s(&bad),
+                s(&bl),
+                s(&bt),
+                Some(s(&ba)),
+            )?;
+            let (want_loss, grad) = ops::loss::forward_backward(&logits, k, &targets, Some(&alpha), &kind)?;
+            let want_dl: Vec<f64> = grad.iter().map(|v| v * grad_scale as f64).collect();
+            let got = c.fetch::<f32>(&lo, 1)?;
+            c.record("softmax_loss loss", Dtype::F32.max_of(dt), &shape, &got, &[want_loss], Accuracy::Reduction);
+            let got = c.fetch::<T>(&dl, b * k)?;
+            c.record("softmax_loss dlogits", dt, &shape, &got, &want_dl, Accuracy::Reduction);
+            let got = c.fetch::<f32>(&probs, b * k)?;
+            let want = ops::loss::softmax_rows(&logits, k);
+            c.record("softmax_loss probs", Dtype::F32.max_of(dt), &shape, &got, &want, Accuracy::Elementwise);
+            let got = g.download::<i32>(&bad, 1)?;
+            c.record("softmax_loss bad_target (none)", dt, &shape, &[got[0] as f64], &[0.0], Accuracy::Elementwise);
+        }
+        // A target outside [0, K) is reported by its 1-based row.
+        let mut t2 = t32.clone();
+        let row = b / 2;
+        t2[row] = k as i32;
+        let bt2 = g.upload(&t2)?;
+        let p = LossParams { b: b as i32, k: k as i32, focal: 0, gamma: 0.0, grad_scale: 1.0, pad_: 0 };
+        let (lo, dl, bad) = (c.poison::<f32>(1)?, c.poison::<T>(b * k)?, g.zeros(4)?);
+        g.kernels.softmax_loss::<T>(&g.stream, &p, s(&lo), s(&dl), None, s(&bad), s(&bl), s(&bt2), None)?;
+        let got = g.download::<i32>(&bad, 1)?;
+        let shape = format!("B={b} K={k} target[{row}]={k}");
+        c.record(
+            "softmax_loss bad_target (1-based row)",
+            dt,
+            &shape,
+            &[got[0] as f64],
+            &[(row + 1) as f64],
+            Accuracy::Elementwise,
+        );
+    }
+    Ok(())
+}
+
+fn optim(c: &mut Ctx) -> Result<()> {
+    let g = c.g;
+    let scaler = GradScaler::new(GradScalerConfig { init_scale: 1024.0, ..GradScalerConfig::default() })?;
+    let inv = 1.0 / 1024.0;
+    for n in [4099usize, 4096] {
+        let shape = format!("n={n}");
+        for dt in [Dtype::F32, Dtype::F16] {
+            let (gr, bg) = match dt {
+                Dtype::F32 => c.rand::<f32>(n, 100.0, 0.0)?,
+                Dtype::F16 => c.rand::<f16>(n, 100.0, 0.0)?,
+            };
+            for with_inf in [false, true] {
+                let mut host = gr.clone();
+                if with_inf {
+                    host[n - 2] = f64::INFINITY;
+                }
+                let bg_inf;
+                let src = if with_inf {
+                    bg_inf = match dt {
+                        Dtype::F32 => c.put::<f32>(&host)?,
+                        Dtype::F16 => c.put::<f16>(&host)?,
+                    };
+                    &bg_inf
+                } else {
+                    &bg
+                };
+                let (out, fi) = (c.poison::<f32>(n)?, g.zeros(4)?);
+                match dt {
+                    Dtype::F32 => g.kernels.unscale::<f32>(&g.stream, s(&out), s(src), inv, s(&fi), n)?,
+                    Dtype::F16 => g.kernels.unscale::<f16>(&g.stream, s(&out), s(src), inv, s(&fi), n)?,
+                }
+                let mut reference: Vec<f32> = host.iter().map(|&v| v as f32).collect();
+                let found = scaler.unscale_and_check(&mut [&mut reference[..]]);
+                let got_fi = g.download::<i32>(&fi, 1)?[0];
+                let tag = if with_inf { " (one inf)" } else { "" };
+                c.record(
+                    &format!("unscale found_inf{tag}"),
+                    dt,
+                    &shape,
+                    &[got_fi as f64],
+                    &[found as i32 as f64],
+                    Accuracy::Elementwise,
+                );
+                if !with_inf {
+                    let want: Vec<f64> = reference.iter().map(|&v| v as f64).collect();
+                    let got = c.fetch::<f32>(&out, n)?;
+                    c.record("unscale out", dt, &shape, &got, &want, Accuracy::Elementwise);
+                }
+            }
+        }
+        // AdamW: three steps against the CPU optimizer, with the fp16 weight copy.
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+        let lr = 1e-3;
+        let mut cpu = AdamW::new(cfg)?;
+        let (p0, bp) = c.rand::<f32>(n, 1.0, 0.0)?;
+        let (bm, bv, p16) = (g.zeros(n * 4)?, g.zeros(n * 4)?, c.poison::<f16>(n)?);
+        let zero = g.zeros(4)?;
+        let mut param: Vec<f32> = p0.iter().map(|&v| v as f32).collect();
+        for t in 1..=3u64 {
+            let (gr, bgr) = c.rand::<f32>(n, 1.0, 0.0)?;
+            let grad: Vec<f32> = gr.iter().map(|&v| v as f32).collect();
+            cpu.step_one("p", &mut param, &grad, lr)?;
+            let a = AdamParams::for_step(
+                n,
+                t,
+                lr as f32,
+                (cfg.beta1 as f32, cfg.beta2 as f32),
+                cfg.eps as f32,
+                cfg.weight_decay as f32,
+            );
+            g.kernels.adamw(&g.stream, &a, s(&bp), s(&bgr), s(&bm), s(&bv), Some(s(&p16)), Some(s(&zero)))?;
+        }
+        let Some(state) = cpu.state("p") else { bail!("the CPU AdamW kept no state for its parameter") };
+        let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+        let want_p = f(&param);
+        let got = c.fetch::<f32>(&bp, n)?;
+        c.record("adamw param (3 steps)", Dtype::F32, &shape, &got, &want_p, Accuracy::Elementwise);
+        let got = c.fetch::<f32>(&bm, n)?;
+        c.record("adamw exp_avg", Dtype::F32, &shape, &got, &f(&state.exp_avg), Accuracy::Elementwise);
+        let got = c.fetch::<f32>(&bv, n)?;
+        c.record("adamw exp_avg_sq", Dtype::F32, &shape, &got, &f(&state.exp_avg_sq), Accuracy::Elementwise);
+        let got = c.fetch::<f16>(&p16, n)?;
+        c.record("adamw fp16 weight copy", Dtype::F16, &shape, &got, &want_p, Accuracy::Elementwise);
+        // found_inf set: the device skips the whole step.
+        let one = g.upload(&[1i32])?;
+        let (_, bgr) = c.rand::<f32>(n, 1.0, 0.0)?;
+        let a = AdamParams::for_step(n, 4, lr as f32, (0.9, 0.999), 1e-8, 0.01);
+        g.kernels.adamw(&g.stream, &a, s(&bp), s(&bgr), s(&bm), s(&bv), None, Some(s(&one)))?;
+        let got = c.fetch::<f32>(&bp, n)?;
+        let exact = judge(c.family, "adamw skipped on found_inf", Dtype::F32, &shape, &got, &want_p, 0.0);
+        c.out.push(exact);
+    }
+    Ok(())
+}
+
+fn gemm(c: &mut Ctx) -> Result<()> {
+    if !probe().cublaslt {
+        bail!("cuBLASLt (libcublasLt.so) was not found: add it to LD_LIBRARY_PATH");
+    }
+    let blas = super::blas::Blas::new(c.g.stream.clone())?;
+    for (m, k, n, ta, tb) in
+        [(37, 24, 40, false, false), (64, 32, 16, true, false), (13, 40, 9, false, true), (64, 64, 64, true, true)]
+    {
+        let spec = super::blas::Gemm { m, n, k, trans_a: ta, trans_b: tb };
+        let shape = format!("[{m}x{k}]x[{k}x{n}] ta={ta} tb={tb}");
+        let mut want = vec![0.0; m * n];
+        macro_rules! run {
+            ($t:ty) => {{
+                let (a, ba) = c.rand::<$t>(m * k, 1.0, 0.0)?;
+                let (b, bb) = c.rand::<$t>(k * n, 1.0, 0.0)?;
+                let bc = c.poison::<$t>(m * n)?;
+                blas.gemm::<$t>(&spec, 1.0, s(&ba), s(&bb), 0.0, s(&bc))?;
+                ops::gemm::gemm(m, k, n, 1.0, &a, ta, &b, tb, 0.0, &mut want);
+                let got = c.fetch::<$t>(&bc, m * n)?;
+                // cudarc's f32 matmul asks cuBLASLt for CUBLAS_COMPUTE_32F_FAST_TF32: judge it as tensor-op math.
+                c.record("gemm", <$t as Store>::DTYPE, &shape, &got, &want, Accuracy::TensorOp);
+            }};
+        }
+        run!(f32);
+        run!(f16);
+    }
+    Ok(())
+}
+
+fn conv<T: Store>(c: &mut Ctx) -> Result<()> {
+    if !probe().cudnn {
+        bail!("cuDNN (libcudnn.so) was not found: install cuDNN 9 or add it to LD_LIBRARY_PATH");
+    }
+    let (g, dt) = (c.g, T::DTYPE);
+    let dnn = super::dnn::Dnn::new(g.stream.clone())?;
+    // (N, H=W, Cin, Cout, k, stride, groups): a stem-like 3×3 s2, a 1×1 projection, an aligned 3×3.
+    for (n, hw, cin, cout, k, st) in
+        [(3usize, 9usize, 3usize, 13usize, 3usize, 2usize), (3, 7, 40, 13, 1, 1), (2, 8, 16, 32, 3, 1)]
+    {
+        let pad = (k - 1) / 2;
+        let geom = ConvGeom::new(&[n, hw, hw, cin], &[cout, k, k, cin], ConvCfg { stride: st, pad, groups: 1 })?;
+        let sh = super::dnn::ConvShape {
+            n: n as i32,
+            c_in: cin as i32,
+            h: hw as i32,
+            w: hw as i32,
+            c_out: cout as i32,
+            k: k as i32,
+            stride: st as i32,
+            pad: pad as i32,
+            groups: 1,
+            half: dt == Dtype::F16,
+        };
+        let shape = format!("N={n} H=W={hw} Cin={cin} Cout={cout} k={k} s={st}");
+        let (nx, nw, ny) = (n * hw * hw * cin, cout * k * k * cin, n * geom.oh * geom.ow * cout);
+        let (x, bx) = c.rand::<T>(nx, 1.0, 0.0)?;
+        let (w, bw) = c.rand::<T>(nw, 1.0, 0.0)?;
+        let (dy, bdy) = c.rand::<T>(ny, 1.0, 0.0)?;
+        let mut ws_bytes = 1;
+        for pass in [super::dnn::Pass::Forward, super::dnn::Pass::BackwardData, super::dnn::Pass::BackwardFilter] {
+            ws_bytes = ws_bytes.max(dnn.workspace_bytes(&sh, pass)?);
+        }
+        let ws = g.zeros(ws_bytes)?;
+        let (y, dx, dw) = (c.poison::<T>(ny)?, c.poison::<T>(nx)?, c.poison::<T>(nw)?);
+        dnn.forward::<T>(&sh, s(&bx), s(&bw), s(&y), s(&ws))?;
+        dnn.backward_data::<T>(&sh, s(&bdy), s(&bw), s(&dx), s(&ws))?;
+        dnn.backward_filter::<T>(&sh, s(&bx), s(&bdy), s(&dw), s(&ws), false)?;
+        let (mut wy, mut wdx, mut wdw) = (vec![0.0; ny], vec![0.0; nx], vec![0.0; nw]);
+        ops::conv::forward(&geom, &x, &w, None, &mut wy);
+        ops::conv::backward_data(&geom, &dy, &w, &mut wdx);
+        ops::conv::backward_weight(&geom, &x, &dy, &mut wdw);
+        let got = c.fetch::<T>(&y, ny)?;
+        c.record("cudnn conv forward y", dt, &shape, &got, &wy, Accuracy::TensorOp);
+        let got = c.fetch::<T>(&dx, nx)?;
+        c.record("cudnn conv backward_data dx", dt, &shape, &got, &wdx, Accuracy::TensorOp);
+        let got = c.fetch::<T>(&dw, nw)?;
+        c.record("cudnn conv backward_filter dw", dt, &shape, &got, &wdw, Accuracy::TensorOp);
+    }
+    Ok(())
+}
+
+/// ptxas's per-kernel report as JSON objects (empty when the kernels were not built).
+pub fn resources_json() -> Vec<serde_json::Value> {
+    build_info::RESOURCES
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let num = |i: usize| f.get(i).and_then(|v| v.parse::<i64>().ok());
+            serde_json::json!({
+                "file": f.first(),
+                "kernel": f.get(1),
+                "arch": f.get(2),
+                "registers": num(3),
+                "smem_bytes": num(4),
+                "stack_bytes": num(5),
+                "spill_stores": num(6),
+                "spill_loads": num(7),
+            })
+        })
+        .collect()
+}
+
+fn fmt_err(v: f64) -> String {
+    if v.is_finite() { format!("{v:.2e}") } else { "NaN/inf".into() }
+}
+
+/// The results as a text table, one row per comparison, failures marked.
+pub fn render_table(results: &[CheckResult]) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "{:<12} {:<40} {:<5} {:<40} {:>10} {:>10} {:>8}  result",
+        "family", "op", "dtype", "shape", "max_abs", "rel", "tol"
+    );
+    for r in results {
+        let _ = writeln!(
+            t,
+            "{:<12} {:<40} {:<5} {:<40} {:>10} {:>10} {:>8.0e}  {}",
+            r.family.name(),
+            r.op,
+            r.dtype.name(),
+            r.shape,
+            fmt_err(r.max_abs_err),
+            fmt_err(r.rel_err),
+            r.tol,
+            if r.pass { "ok" } else { "FAIL" }
+        );
+    }
+    t
+}
+
+/// Runs `derma check`: an error (non-zero exit) when there is no usable device, a launch fails, or any
+/// comparison is outside its tolerance.
+pub fn run(args: &CheckArgs) -> Result<()> {
+    let info = device_for_check(&probe(), args.device)?;
+    let gpu = Gpu::open(&Selected::Cuda(info.clone()))?;
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    });
+    let families: Vec<Family> = if args.family.is_empty() { Family::ALL.to_vec() } else { args.family.clone() };
+    let mut results = Vec::new();
+    let mut errors = Vec::new();
+    for f in families {
+        match check_family(&gpu, f, seed) {
+            Ok(r) => results.extend(r),
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    let failures: Vec<&CheckResult> = results.iter().filter(|r| !r.pass).collect();
+    if args.json {
+        let doc = serde_json::json!({
+            "device": {
+                "ordinal": info.ordinal,
+                "name": info.name,
+                "compute_capability": format!("{}.{}", info.compute_capability.0, info.compute_capability.1),
+            },
+            "seed": seed,
+            "relative_error": "max|got - ref| / max(max|ref|, 1e-30), per output tensor",
+            "results": results,
+            "failures": failures.len(),
+            "errors": errors,
+            "ptxas_resources": resources_json(),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!("derma check on cuda:{} ({}), seed {seed}", info.ordinal, info.name);
+        println!("rel = max|got - ref| / max|ref| per output tensor; reference: src/ops in f64 on the same inputs");
+        print!("{}", render_table(&results));
+        for e in &errors {
+            println!("ERROR: {e}");
+        }
+        println!("{} checks, {} failed, {} families errored", results.len(), failures.len(), errors.len());
+    }
+    if !failures.is_empty() || !errors.is_empty() {
+        bail!(
+            "{} of {} GPU-vs-CPU comparisons failed and {} families could not run (seed {seed}; rerun with --seed \
+             {seed} to replay)",
+            failures.len(),
+            results.len(),
+            errors.len()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_driver_is_an_error_naming_it() {
+        let none = Probe::default();
+        for req in [DeviceRequest::Auto, DeviceRequest::Cuda(0), DeviceRequest::Cuda(2)] {
+            let e = device_for_check(&none, req).unwrap_err().to_string();
+            assert!(e.contains("needs a CUDA device"), "{e}");
+            assert!(e.contains("libcuda.so"), "{e}");
+        }
+        let e = device_for_check(&none, DeviceRequest::Auto).unwrap_err().to_string();
+        assert!(e.contains("--device auto"), "{e}");
+        let e = device_for_check(&none, DeviceRequest::Cpu).unwrap_err().to_string();
+        assert!(e.contains("needs a CUDA device") && e.contains("--device cuda"), "{e}");
+    }
+
+    #[test]
+    fn a_usable_probe_selects_its_device() {
+        let p = Probe {
+            driver: true,
+            devices: vec![GpuInfo {
+                ordinal: 0,
+                name: "Test GPU".into(),
+                compute_capability: (9, 0),
+                total_mem: 1 << 30,
+                kernels_run: true,
+            }],
+            cublas: true,
+            cublaslt: true,
+            cudnn: true,
+            kernels_built: true,
+            kernel_archs: &[90],
+            ..Probe::default()
+        };
+        assert_eq!(device_for_check(&p, DeviceRequest::Auto).unwrap().name, "Test GPU");
+        let e = device_for_check(&p, DeviceRequest::Cuda(1)).unwrap_err().to_string();
+        assert!(e.contains("cuda:1") && e.contains("no CUDA device 1"), "{e}");
+    }
+
+    #[test]
+    fn errors_and_tolerances_on_hand_cases() {
+        let want = [1.0, -2.0, 4.0];
+        assert_eq!(max_errors(&want, &want), (0.0, 0.0));
+        let r = judge(Family::Se, "x", Dtype::F32, "3", &want, &want, tolerance(Dtype::F32, Accuracy::Elementwise));
+        assert!(r.pass);
+        // Exact match passes even at tolerance 0.
+        assert!(judge(Family::Se, "x", Dtype::F32, "3", &want, &want, 0.0).pass);
+        // One element off by 4e-5: rel = 4e-5 / 4 = 1e-5.
+        let got = [1.0, -2.0, 4.00004];
+        let (a, r) = max_errors(&got, &want);
+        assert!((a - 4e-5).abs() < 1e-12 && (r - 1e-5).abs() < 1e-12, "{a} {r}");
+        assert!(!judge(Family::Se, "x", Dtype::F32, "3", &[1.0, -2.0, 4.0001], &want, 1e-5).pass);
+        assert!(judge(Family::Se, "x", Dtype::F16, "3", &[1.0, -2.0, 4.0001], &want, 1e-2).pass);
+        // NaN (an unwritten, poisoned element) or inf fails whatever the tolerance.
+        for bad in [f64::NAN, f64::INFINITY] {
+            let got = [1.0, bad, 4.0];
+            assert!(max_errors(&got, &want).1.is_infinite());
+            assert!(!judge(Family::Se, "x", Dtype::F16, "3", &got, &want, 1.0).pass);
+        }
+        // Missing elements fail.
+        assert!(!judge(Family::Se, "x", Dtype::F32, "3", &want[..2], &want, 1.0).pass);
+        // An all-zero reference: exact zeros pass, anything else fails.
+        assert!(judge(Family::Se, "x", Dtype::F32, "2", &[0.0, 0.0], &[0.0, 0.0], 1e-5).pass);
+        assert!(!judge(Family::Se, "x", Dtype::F32, "2", &[0.0, 1e-20], &[0.0, 0.0], 1e-5).pass);
+        assert_eq!(tolerance(Dtype::F16, Accuracy::Elementwise), 1e-2);
+        assert!(tolerance(Dtype::F32, Accuracy::Reduction) > tolerance(Dtype::F32, Accuracy::Elementwise));
+    }
+
+    #[test]
+    fn table_and_resources_render() {
+        let rows = vec![
+            judge(Family::Loss, "softmax_loss dlogits", Dtype::F16, "B=3 K=8", &[1.0], &[1.0], 1e-2),
+            judge(Family::Loss, "softmax_loss loss", Dtype::F32, "B=3 K=8", &[f64::NAN], &[1.0], 1e-5),
+        ];
+        let t = render_table(&rows);
+        assert_eq!(t.lines().count(), 3, "{t}");
+        assert!(t.lines().nth(1).is_some_and(|l| l.ends_with("ok")), "{t}");
+        assert!(t.lines().nth(2).is_some_and(|l| l.ends_with("FAIL") && l.contains("NaN/inf")), "{t}");
+        let n = build_info::RESOURCES.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).count();
+        assert_eq!(resources_json().len(), n);
+    }
+
+    #[test]
+    fn splitmix_is_reproducible_and_spread() {
+        let (mut a, mut b) = (SplitMix(7), SplitMix(7));
+        let xs: Vec<f64> = (0..1000).map(|_| a.sym()).collect();
+        assert!(xs.iter().all(|&x| (-1.0..1.0).contains(&x)));
+        assert_eq!(xs[999], (0..1000).map(|_| b.sym()).last().unwrap_or(f64::NAN));
+        let mean = xs.iter().sum::<f64>() / 1000.0;
+        assert!(mean.abs() < 0.1, "{mean}");
+    }
+}
