@@ -15,7 +15,10 @@ fn gpu(test: &str) -> Option<Gpu> {
             Err(e) => panic!("{test}: the probed GPU did not open: {e:#}"),
         },
         Err(e) => {
-            println!("SKIPPED (no CUDA device): {test}: {}", e.to_string().replace('\n', " "));
+            // Written to the stderr handle directly: the test harness captures `println!`/`eprintln!` of passing
+            // tests, and a skip must show in the run's output.
+            let line = format!("SKIPPED (no CUDA device): {test}: {}\n", e.to_string().replace('\n', " "));
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             None
         }
     }
