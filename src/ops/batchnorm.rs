@@ -155,27 +155,37 @@ pub fn backward<T: Float>(
     dgamma: Option<&mut [T]>,
     dbeta: Option<&mut [T]>,
 ) {
+    let dx_wanted = dx.is_some();
     let m = (x.len() / c) as f64;
-    let xhat = |v: T, ch: usize| (v.as_f64() - mean[ch]) * invstd[ch];
-    // dz: the gradient before the activation, recomputing z from x where an activation is fused.
-    let dz = |i: usize, ch: usize| -> f64 {
-        let g = dy[i].as_f64();
-        match act {
-            Some(a) => g * a.derivative(xhat(x[i], ch) * gamma[ch].as_f64() + beta[ch].as_f64()),
-            None => g,
+    // Per-element work in T (f32 when training), per-channel sums in f64. Pass 1 computes dz, the gradient before
+    // the fused activation (z recomputed from x), into a scratch buffer (dx itself when wanted) and sums dz and
+    // dz·x̂; pass 2 turns dz into dx.
+    let mean_t: Vec<T> = mean.iter().map(|&v| T::of_f64(v)).collect();
+    let invstd_t: Vec<T> = invstd.iter().map(|&v| T::of_f64(v)).collect();
+    let mut scratch;
+    let dz_buf: &mut [T] = match dx {
+        Some(d) => d,
+        None => {
+            scratch = vec![T::zero(); x.len()];
+            &mut scratch
         }
     };
-    let sums = x
-        .par_chunks(ROWS_PER_TASK * c)
-        .enumerate()
-        .map(|(b, block)| {
+    let block = ROWS_PER_TASK * c;
+    let sums = dz_buf
+        .par_chunks_mut(block)
+        .zip(x.par_chunks(block).zip(dy.par_chunks(block)))
+        .map(|(dzb, (xb, dyb))| {
             let mut s = vec![0.0f64; 2 * c];
-            for (r, row) in block.chunks(c).enumerate() {
-                let base = (b * ROWS_PER_TASK + r) * c;
+            for ((dzr, xr), dyr) in dzb.chunks_mut(c).zip(xb.chunks(c)).zip(dyb.chunks(c)) {
                 for ch in 0..c {
-                    let d = dz(base + ch, ch);
-                    s[ch] += d;
-                    s[c + ch] += d * xhat(row[ch], ch);
+                    let xh = (xr[ch] - mean_t[ch]) * invstd_t[ch];
+                    let d = match act {
+                        Some(a) => dyr[ch] * a.derivative(xh * gamma[ch] + beta[ch]),
+                        None => dyr[ch],
+                    };
+                    dzr[ch] = d;
+                    s[ch] += d.as_f64();
+                    s[c + ch] += (d * xh).as_f64();
                 }
             }
             s
@@ -194,18 +204,16 @@ pub fn backward<T: Float>(
     if let Some(dg) = dgamma {
         dg.iter_mut().zip(sum_dz_xhat).for_each(|(d, &s)| *d = T::of_f64(s));
     }
-    if let Some(dx) = dx {
-        dx.par_chunks_mut(ROWS_PER_TASK * c).enumerate().for_each(|(b, block)| {
-            for (r, row) in block.chunks_mut(c).enumerate() {
-                let base = (b * ROWS_PER_TASK + r) * c;
+    if dx_wanted {
+        // dx = γ·invstd·(dz − mean(dz) − x̂·mean(dz·x̂)) in training; γ·invstd·dz with running statistics.
+        let k: Vec<T> = (0..c).map(|ch| T::of_f64(gamma[ch].as_f64() * invstd[ch])).collect();
+        let mdz: Vec<T> = sum_dz.iter().map(|&v| T::of_f64(if train { v / m } else { 0.0 })).collect();
+        let mdzx: Vec<T> = sum_dz_xhat.iter().map(|&v| T::of_f64(if train { v / m } else { 0.0 })).collect();
+        dz_buf.par_chunks_mut(block).zip(x.par_chunks(block)).for_each(|(dzb, xb)| {
+            for (row, xr) in dzb.chunks_mut(c).zip(xb.chunks(c)) {
                 for ch in 0..c {
-                    let k = gamma[ch].as_f64() * invstd[ch];
-                    let d = dz(base + ch, ch);
-                    row[ch] = T::of_f64(if train {
-                        k * (d - sum_dz[ch] / m - xhat(x[base + ch], ch) * sum_dz_xhat[ch] / m)
-                    } else {
-                        k * d
-                    });
+                    let xh = (xr[ch] - mean_t[ch]) * invstd_t[ch];
+                    row[ch] = k[ch] * (row[ch] - mdz[ch] - xh * mdzx[ch]);
                 }
             }
         });

@@ -1,9 +1,10 @@
 //! 2-D convolution in NHWC with OHWI weights: stride, zero padding and groups.
 //!
-//! Three reference paths, chosen by shape, all computing the same function:
+//! Four reference paths, chosen by shape, all computing the same function:
 //! - pointwise (1×1, stride 1, no padding, one group): a GEMM `[N·H·W, Cin] × [Cin, Cout]`;
 //! - depthwise (groups = Cin = Cout): a direct loop whose innermost index is the channel (contiguous in NHWC);
-//! - general (the stem, anything else): a direct loop over the receptive field.
+//! - one group (the stem): im2col per sample, then a GEMM `[OH·OW, KH·KW·Cin] × [KH·KW·Cin, Cout]`;
+//! - other grouped convolutions: a direct loop over the receptive field.
 //!
 //! Backward computes the input gradient and, only when the weight needs one, the weight and bias gradients.
 
@@ -91,6 +92,8 @@ pub fn forward<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>, y:
         gemm(g.n * g.h * g.w, g.cin, g.cout, T::one(), x, false, wt, true, T::zero(), y);
     } else if g.is_depthwise() {
         depthwise_forward(g, x, wt, y);
+    } else if g.groups == 1 {
+        im2col_forward(g, x, wt, y);
     } else {
         general_forward(g, x, wt, y);
     }
@@ -158,10 +161,69 @@ fn general_forward<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], y: &mut [T]) {
     });
 }
 
+/// One sample's receptive fields as rows: `cols[(oy·OW + ox), (ky·KW + kx)·Cin + c]`, zeros in the padding.
+/// With OHWI weights (`[Cout, KH·KW·Cin]`), a one-group convolution is then the GEMM `cols · Wᵀ`.
+fn im2col<T: Float>(g: &ConvGeom, xs: &[T], cols: &mut [T]) {
+    let k = g.kh * g.kw * g.cin;
+    cols.par_chunks_mut(g.ow * k).enumerate().for_each(|(oy, crow)| {
+        for ox in 0..g.ow {
+            let dst = &mut crow[ox * k..(ox + 1) * k];
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    let d = &mut dst[(ky * g.kw + kx) * g.cin..][..g.cin];
+                    match (g.src(oy, ky, g.h), g.src(ox, kx, g.w)) {
+                        (Some(iy), Some(ix)) => d.copy_from_slice(&xs[(iy * g.w + ix) * g.cin..][..g.cin]),
+                        _ => d.iter_mut().for_each(|v| *v = T::zero()),
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Adds receptive-field rows back into one sample's input gradient (the transpose of [`im2col`]).
+fn col2im<T: Float>(g: &ConvGeom, cols: &[T], dxs: &mut [T]) {
+    let k = g.kh * g.kw * g.cin;
+    for oy in 0..g.oh {
+        for ox in 0..g.ow {
+            let src = &cols[(oy * g.ow + ox) * k..][..k];
+            for ky in 0..g.kh {
+                let Some(iy) = g.src(oy, ky, g.h) else { continue };
+                for kx in 0..g.kw {
+                    let Some(ix) = g.src(ox, kx, g.w) else { continue };
+                    let d = &mut dxs[(iy * g.w + ix) * g.cin..][..g.cin];
+                    let s = &src[(ky * g.kw + kx) * g.cin..][..g.cin];
+                    d.iter_mut().zip(s).for_each(|(a, &b)| *a += b);
+                }
+            }
+        }
+    }
+}
+
+fn im2col_forward<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], y: &mut [T]) {
+    let (k, p) = (g.kh * g.kw * g.cin, g.oh * g.ow);
+    let mut cols = vec![T::zero(); p * k];
+    for n in 0..g.n {
+        im2col(g, &x[n * g.h * g.w * g.cin..][..g.h * g.w * g.cin], &mut cols);
+        gemm(p, k, g.cout, T::one(), &cols, false, wt, true, T::zero(), &mut y[n * p * g.cout..][..p * g.cout]);
+    }
+}
+
 /// Reference backward data: `dx` from `dy`.
 pub fn backward_data<T: Float>(g: &ConvGeom, dy: &[T], wt: &[T], dx: &mut [T]) {
     if g.is_pointwise() {
         gemm(g.n * g.h * g.w, g.cout, g.cin, T::one(), dy, false, wt, false, T::zero(), dx);
+        return;
+    }
+    if g.groups == 1 && !g.is_depthwise() {
+        let (k, p, hwc) = (g.kh * g.kw * g.cin, g.oh * g.ow, g.h * g.w * g.cin);
+        let mut dcols = vec![T::zero(); p * k];
+        for n in 0..g.n {
+            gemm(p, g.cout, k, T::one(), &dy[n * p * g.cout..][..p * g.cout], false, wt, false, T::zero(), &mut dcols);
+            let dxs = &mut dx[n * hwc..][..hwc];
+            dxs.iter_mut().for_each(|v| *v = T::zero());
+            col2im(g, &dcols, dxs);
+        }
         return;
     }
     let cg = g.cin / g.groups;
@@ -202,6 +264,17 @@ pub fn backward_data<T: Float>(g: &ConvGeom, dy: &[T], wt: &[T], dx: &mut [T]) {
 pub fn backward_weight<T: Float>(g: &ConvGeom, x: &[T], dy: &[T], dw: &mut [T]) {
     if g.is_pointwise() {
         gemm(g.cout, g.n * g.h * g.w, g.cin, T::one(), dy, true, x, false, T::zero(), dw);
+        return;
+    }
+    if g.groups == 1 && !g.is_depthwise() {
+        // dW[Cout, K] = Σₙ dYₙᵀ · colsₙ
+        let (k, p, hwc) = (g.kh * g.kw * g.cin, g.oh * g.ow, g.h * g.w * g.cin);
+        let mut cols = vec![T::zero(); p * k];
+        for n in 0..g.n {
+            im2col(g, &x[n * hwc..][..hwc], &mut cols);
+            let beta = if n == 0 { T::zero() } else { T::one() };
+            gemm(g.cout, p, k, T::one(), &dy[n * p * g.cout..][..p * g.cout], true, &cols, false, beta, dw);
+        }
         return;
     }
     let cg = g.cin / g.groups;
