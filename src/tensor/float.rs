@@ -119,13 +119,7 @@ pub fn exp_f32(x: f32) -> f32 {
     // ln 2 split in two so that n·LN2_HI is exact for |n| ≤ 128.
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = if x > 88.0 {
-        88.0
-    } else if x < -87.0 {
-        -87.0
-    } else {
-        x
-    };
+    let x = x.clamp(-87.0, 88.0);
     let k = x * std::f32::consts::LOG2_E + SHIFTER;
     let n = k - SHIFTER;
     let r = (x - n * LN2_HI) - n * LN2_LO;
