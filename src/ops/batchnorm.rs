@@ -51,14 +51,19 @@ impl Default for BnCfg {
 
 const ROWS_PER_TASK: usize = 512;
 
-/// Per-channel sums of `f(row_value, channel)` over all rows, accumulated in f64.
-fn channel_sums<T: Float>(x: &[T], c: usize, f: impl Fn(f64, usize) -> f64 + Sync) -> Vec<f64> {
+/// Per-channel sums over all rows of `x` viewed as `[M, C]`, in f64: of `x` when `mean` is `None`, else of
+/// `(x − mean)²`. Whole-row slice loops (no per-element closure or index) so both passes vectorize.
+fn channel_sums<T: Float>(x: &[T], c: usize, mean: Option<&[f64]>) -> Vec<f64> {
     x.par_chunks(ROWS_PER_TASK * c)
         .map(|block| {
             let mut acc = vec![0.0f64; c];
             for row in block.chunks(c) {
-                for (ch, &v) in row.iter().enumerate() {
-                    acc[ch] += f(v.as_f64(), ch);
+                match mean {
+                    None => acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v.as_f64()),
+                    Some(mean) => acc.iter_mut().zip(row).zip(mean).for_each(|((a, &v), &mu)| {
+                        let d = v.as_f64() - mu;
+                        *a += d * d
+                    }),
                 }
             }
             acc
@@ -75,8 +80,8 @@ fn channel_sums<T: Float>(x: &[T], c: usize, f: impl Fn(f64, usize) -> f64 + Syn
 /// Batch mean and biased variance per channel of `x` viewed as `[M, C]`.
 pub fn batch_stats<T: Float>(x: &[T], c: usize) -> (Vec<f64>, Vec<f64>) {
     let m = (x.len() / c) as f64;
-    let mean: Vec<f64> = channel_sums(x, c, |v, _| v).into_iter().map(|s| s / m).collect();
-    let var = channel_sums(x, c, |v, ch| (v - mean[ch]) * (v - mean[ch])).into_iter().map(|s| s / m).collect();
+    let mean: Vec<f64> = channel_sums(x, c, None).into_iter().map(|s| s / m).collect();
+    let var = channel_sums(x, c, Some(&mean)).into_iter().map(|s| s / m).collect();
     (mean, var)
 }
 
@@ -126,12 +131,9 @@ pub fn forward<T: Float>(
         (0..c).map(|ch| T::of_f64(beta[ch].as_f64() - mean[ch] * gamma[ch].as_f64() * invstd[ch])).collect();
     y.par_chunks_mut(ROWS_PER_TASK * c).zip(x.par_chunks(ROWS_PER_TASK * c)).for_each(|(yb, xb)| {
         for (yr, xr) in yb.chunks_mut(c).zip(xb.chunks(c)) {
-            for ch in 0..c {
-                let z = xr[ch] * scale[ch] + shift[ch];
-                yr[ch] = match act {
-                    Some(a) => a.apply(z),
-                    None => z,
-                };
+            yr.iter_mut().zip(xr).zip(scale.iter().zip(&shift)).for_each(|((y, &x), (&s, &t))| *y = x * s + t);
+            if let Some(a) = act {
+                a.apply_in_place(yr);
             }
         }
     });
@@ -177,15 +179,22 @@ pub fn backward<T: Float>(
         .map(|(dzb, (xb, dyb))| {
             let mut s = vec![0.0f64; 2 * c];
             for ((dzr, xr), dyr) in dzb.chunks_mut(c).zip(xb.chunks(c)).zip(dyb.chunks(c)) {
+                // dz = dy·f'(z) with z = γ·x̂ + β recomputed in place (slice loops, so each vectorizes).
+                match act {
+                    Some(a) => {
+                        for ch in 0..c {
+                            dzr[ch] = (xr[ch] - mean_t[ch]) * invstd_t[ch] * gamma[ch] + beta[ch];
+                        }
+                        a.grad_in_place(dzr, dyr);
+                    }
+                    None => dzr.copy_from_slice(dyr),
+                }
+                let (s_dz, s_dzx) = s.split_at_mut(c);
                 for ch in 0..c {
+                    let d = dzr[ch];
                     let xh = (xr[ch] - mean_t[ch]) * invstd_t[ch];
-                    let d = match act {
-                        Some(a) => dyr[ch] * a.derivative(xh * gamma[ch] + beta[ch]),
-                        None => dyr[ch],
-                    };
-                    dzr[ch] = d;
-                    s[ch] += d.as_f64();
-                    s[c + ch] += (d * xh).as_f64();
+                    s_dz[ch] += d.as_f64();
+                    s_dzx[ch] += (d * xh).as_f64();
                 }
             }
             s
