@@ -402,6 +402,25 @@ pub fn uniform01(seed: u64, counter: u64) -> f32 {
     (z >> 40) as f32 * (1.0 / 16_777_216.0)
 }
 
+/// Resolves `--device` for work that runs on the CPU reference backend only (the model and the trainer do not use
+/// the CUDA path yet): `auto` with a usable GPU runs on the CPU with a notice, an explicit `cuda` is an error that
+/// says so, and a `cuda` request on a machine without one fails with what is missing.
+pub fn require_cpu_path(request: DeviceRequest, what: &str) -> Result<()> {
+    match (select(request)?, request) {
+        (Selected::Cpu, _) => Ok(()),
+        (Selected::Cuda(g), DeviceRequest::Auto) => {
+            eprintln!("note: {what} runs on the CPU: derma's CUDA model path is not wired yet ({} left idle)", g.name);
+            Ok(())
+        }
+        (Selected::Cuda(g), _) => {
+            bail!(
+                "{what} on CUDA ({}) is not available yet: the CUDA model path is not wired; use --device cpu",
+                g.name
+            )
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,24 +500,5 @@ mod tests {
         }
         assert!((sum / n as f64 - 0.5).abs() < 0.01);
         assert_ne!(uniform01(1, 0), uniform01(2, 0));
-    }
-}
-
-/// Resolves `--device` for work that runs on the CPU reference backend only (the model and the trainer do not use
-/// the CUDA path yet): `auto` with a usable GPU runs on the CPU with a notice, an explicit `cuda` is an error that
-/// says so, and a `cuda` request on a machine without one fails with what is missing.
-pub fn require_cpu_path(request: DeviceRequest, what: &str) -> Result<()> {
-    match (select(request)?, request) {
-        (Selected::Cpu, _) => Ok(()),
-        (Selected::Cuda(g), DeviceRequest::Auto) => {
-            eprintln!("note: {what} runs on the CPU: derma's CUDA model path is not wired yet ({} left idle)", g.name);
-            Ok(())
-        }
-        (Selected::Cuda(g), _) => {
-            bail!(
-                "{what} on CUDA ({}) is not available yet: the CUDA model path is not wired; use --device cpu",
-                g.name
-            )
-        }
     }
 }
