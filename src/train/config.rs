@@ -328,9 +328,10 @@ mod tests {
         std::fs::write(&path, "[plateau]\npatiense = 3\n").unwrap();
         let err = format!("{:#}", TrainConfig::load(&path).unwrap_err());
         assert!(err.contains("patiense"), "{err}");
-        std::fs::write(&path, "device = \"gpu\"\n").unwrap();
+        // "gpu" is an accepted alias of cuda:0 (the same parser as --device); "tpu" is not a device.
+        std::fs::write(&path, "device = \"tpu\"\n").unwrap();
         let err = format!("{:#}", TrainConfig::load(&path).unwrap_err());
-        assert!(err.contains("gpu"), "{err}");
+        assert!(err.contains("tpu"), "{err}");
         std::fs::write(&path, "[[unfreeze]]\nepoch = 2\nfrozen_blocks = 1\nlr_multiplier = 1.0\n").unwrap();
         let err = format!("{:#}", TrainConfig::load(&path).unwrap_err());
         assert!(err.contains("epoch 0"), "{err}");
