@@ -1108,22 +1108,7 @@ mod tests {
 
     #[test]
     fn a_usable_probe_selects_its_device() {
-        let p = Probe {
-            driver: true,
-            devices: vec![GpuInfo {
-                ordinal: 0,
-                name: "Test GPU".into(),
-                compute_capability: (9, 0),
-                total_mem: 1 << 30,
-                kernels_run: true,
-            }],
-            cublas: true,
-            cublaslt: true,
-            cudnn: true,
-            kernels_built: true,
-            kernel_archs: &[90],
-            ..Probe::default()
-        };
+        let p = crate::cuda::usable_test_probe();
         assert_eq!(device_for_check(&p, DeviceRequest::Auto).unwrap().name, "Test GPU");
         let e = device_for_check(&p, DeviceRequest::Cuda(1)).unwrap_err().to_string();
         assert!(e.contains("cuda:1") && e.contains("no CUDA device 1"), "{e}");

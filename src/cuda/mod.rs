@@ -421,6 +421,28 @@ pub fn require_cpu_path(request: DeviceRequest, what: &str) -> Result<()> {
     }
 }
 
+/// A made-up probe of a machine where everything is usable (one sm_90 GPU), for tests of the selection rules.
+#[cfg(test)]
+pub(crate) fn usable_test_probe() -> Probe {
+    Probe {
+        driver: true,
+        driver_version: Some(13000),
+        devices: vec![GpuInfo {
+            ordinal: 0,
+            name: "Test GPU".into(),
+            compute_capability: (9, 0),
+            total_mem: 1 << 30,
+            kernels_run: true,
+        }],
+        cublas: true,
+        cublaslt: true,
+        cudnn: true,
+        kernels_built: true,
+        kernel_archs: &[90],
+        ..Probe::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -452,23 +474,7 @@ mod tests {
     }
 
     fn full_probe() -> Probe {
-        Probe {
-            driver: true,
-            driver_version: Some(13000),
-            devices: vec![GpuInfo {
-                ordinal: 0,
-                name: "Test GPU".into(),
-                compute_capability: (9, 0),
-                total_mem: 1 << 30,
-                kernels_run: true,
-            }],
-            cublas: true,
-            cublaslt: true,
-            cudnn: true,
-            kernels_built: true,
-            kernel_archs: &[90],
-            ..Probe::default()
-        }
+        usable_test_probe()
     }
 
     #[test]
