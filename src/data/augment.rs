@@ -11,9 +11,12 @@
 //!      horizontal flip → source pixel;
 //!   2. colour: brightness, contrast, saturation, hue in the drawn order on values in [0, 1]. Contrast blends
 //!      with the mean grey level of the whole image as it is just before contrast: the one reduction in the
-//!      pipeline (a GPU kernel needs a pass, or a second kernel, for it);
-//!   3. `(v − mean) / std` with ImageNet's statistics, plus Gaussian noise from a counter-based generator
-//!      ([`noise_at`]) so any element's noise can be recomputed independently.
+//!      pipeline. So the colour work is split at contrast: the operations before it run per pixel while the
+//!      mean is summed, contrast and the rest run in a second per-pixel pass (on a GPU: two kernels, or one
+//!      with a grid-wide reduction);
+//!   3. `(v − mean) / std` with ImageNet's statistics;
+//!   4. Gaussian noise `noise_std · noise_at(noise_seed, i)` for element `i` of the output, from a
+//!      counter-based generator ([`noise_at`]) so any element's noise can be recomputed independently.
 //!
 //! Deliberate differences from PIL, none of which changes what an operation means: values stay in f32 between
 //! operations (PIL rounds to u8 after the resize and after every colour operation), and the colour operations
@@ -301,6 +304,13 @@ pub fn adjust_saturation(p: [f32; 3], f: f32) -> [f32; 3] {
     blend(p, [gray(p); 3], f)
 }
 
+/// `floor(x)` for |x| < 2³¹ without a libm call (the baseline x86-64 target has no rounding instruction).
+#[inline]
+fn floor_small(x: f32) -> f32 {
+    let t = x as i32 as f32;
+    if t > x { t - 1.0 } else { t }
+}
+
 /// Hue: RGB → HSV, `h ← (h + shift) mod 1`, HSV → RGB (torchvision's tensor formulas).
 pub fn adjust_hue(p: [f32; 3], shift: f32) -> [f32; 3] {
     let [r, g, b] = p;
@@ -311,7 +321,8 @@ pub fn adjust_hue(p: [f32; 3], shift: f32) -> [f32; 3] {
         return p; // grey: hue undefined, unchanged
     }
     let s = cr / maxc;
-    let (rc, gc, bc) = ((maxc - r) / cr, (maxc - g) / cr, (maxc - b) / cr);
+    let inv = 1.0 / cr;
+    let (rc, gc, bc) = ((maxc - r) * inv, (maxc - g) * inv, (maxc - b) * inv);
     let h = if maxc == r {
         bc - gc
     } else if maxc == g {
@@ -319,15 +330,23 @@ pub fn adjust_hue(p: [f32; 3], shift: f32) -> [f32; 3] {
     } else {
         4.0 + gc - rc
     };
-    let h = ((h / 6.0 + 1.0) % 1.0 + shift).rem_euclid(1.0);
+    // torchvision: h = fmod(h/6 + 1, 1), then (h + shift) mod 1. h/6 is in [−1/6, 5/6), so one conditional add
+    // and one floor do it without fmod.
+    let mut h = h * (1.0 / 6.0);
+    if h < 0.0 {
+        h += 1.0;
+    }
+    let h = h + shift;
+    let h = h - floor_small(h);
     let v = maxc;
     let h6 = h * 6.0;
-    let i = h6.floor();
-    let f = h6 - i;
+    // h6 is in [0, 6]: truncation is the floor.
+    let i = (h6 as i32).min(5);
+    let f = h6 - i as f32;
     let pp = (v * (1.0 - s)).clamp(0.0, 1.0);
     let q = (v * (1.0 - s * f)).clamp(0.0, 1.0);
     let t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0);
-    match (i as i32).rem_euclid(6) {
+    match i {
         0 => [v, t, pp],
         1 => [q, v, pp],
         2 => [pp, v, t],
@@ -394,10 +413,10 @@ pub fn normalize_eval(src: &[u8], out: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
-/// Applies `ops[..n]` of `p`'s colour order to one pixel; contrast uses `mean`.
+/// Applies the colour operations `ops` (codes from [`AugParams::order`]) to one pixel; contrast uses `mean`.
 #[inline]
-fn color_ops(mut px: [f32; 3], p: &AugParams, n: usize, mean: f32) -> [f32; 3] {
-    for &op in &p.order[..n] {
+fn color_ops(mut px: [f32; 3], ops: &[u32], p: &AugParams, mean: f32) -> [f32; 3] {
+    for &op in ops {
         px = match op {
             OP_BRIGHTNESS => adjust_brightness(px, p.brightness),
             OP_CONTRAST => adjust_contrast(px, p.contrast, mean),
@@ -457,18 +476,20 @@ pub fn apply(src: &[u8], size: u32, out_size: u32, p: &AugParams, out: &mut [f32
         }
     }
 
-    // 2. The contrast mean: grey level of the image after the operations that precede contrast.
+    // 2. The colour operations before contrast, in place, and the contrast mean: the grey level of the image
+    //    after them.
     let k = p.order.iter().position(|&o| o == OP_CONTRAST).unwrap_or(4);
-    let mean = if k < 4 {
-        let sum: f64 = out.chunks_exact(3).map(|px| f64::from(gray(color_ops([px[0], px[1], px[2]], p, k, 0.0)))).sum();
-        (sum / (os * os) as f64) as f32
-    } else {
-        0.0
-    };
-
-    // 3. Colour in order, then normalize.
+    let mut sum = 0f64;
     for px in out.chunks_exact_mut(3) {
-        let v = color_ops([px[0], px[1], px[2]], p, 4, mean);
+        let v = color_ops([px[0], px[1], px[2]], &p.order[..k], p, 0.0);
+        px.copy_from_slice(&v);
+        sum += f64::from(gray(v));
+    }
+    let mean = (sum / (os * os) as f64) as f32;
+
+    // 3. Contrast and the operations after it, then normalize.
+    for px in out.chunks_exact_mut(3) {
+        let v = color_ops([px[0], px[1], px[2]], &p.order[k..], p, mean);
         for c in 0..3 {
             px[c] = (v[c] - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
         }

@@ -211,7 +211,8 @@ pub fn build(dir: &Path, size: u32, candidates: &[Candidate], quiet: bool) -> Re
     if size == 0 {
         bail!("--size must be at least 1");
     }
-    fs::create_dir_all(dir).with_context(|| format!("creating cache folder {}", dir.display()))?;
+    fs::create_dir_all(dir)
+        .with_context(|| format!("creating cache folder {} (--cache can put it elsewhere)", dir.display()))?;
     let data_path = dir.join(DATA_FILE);
     let fps: Vec<Fingerprint> = candidates.par_iter().map(|c| Fingerprint::of(&c.image, &c.path)).collect();
     let old = read_manifest(dir).filter(|m| m.version == CACHE_VERSION && m.size == size && m.filter == FILTER);

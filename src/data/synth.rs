@@ -96,14 +96,14 @@ struct Style {
 fn style(class: usize) -> Style {
     let s = |color, radius, elong, ragged, texture| Style { color, radius, elong, ragged, texture };
     match class {
-        0 => s([55.0, 35.0, 35.0], 0.30, 1.3, 0.18, Texture::Dots([15.0, 10.0, 20.0])), // MEL
-        1 => s([145.0, 95.0, 65.0], 0.22, 1.0, 0.0, Texture::Plain),                    // NV
-        2 => s([220.0, 160.0, 170.0], 0.20, 1.0, 0.04, Texture::Stripes),               // BCC
-        3 => s([190.0, 80.0, 70.0], 0.17, 1.7, 0.08, Texture::Rough),                   // AK
-        4 => s([180.0, 140.0, 100.0], 0.25, 2.2, 0.05, Texture::Stripes),               // BKL
-        5 => s([115.0, 70.0, 50.0], 0.15, 1.0, 0.0, Texture::PaleCentre),               // DF
-        6 => s([150.0, 20.0, 70.0], 0.11, 1.0, 0.0, Texture::Plain),                    // VASC
-        _ => s([205.0, 105.0, 110.0], 0.28, 1.2, 0.10, Texture::Dots([245.0, 235.0, 225.0])), // SCC
+        0 => s([50.0, 35.0, 50.0], 0.30, 1.3, 0.18, Texture::Dots([15.0, 10.0, 25.0])), // MEL
+        1 => s([150.0, 95.0, 60.0], 0.22, 1.0, 0.0, Texture::Plain),                    // NV
+        2 => s([235.0, 175.0, 190.0], 0.20, 1.0, 0.04, Texture::Stripes),               // BCC
+        3 => s([205.0, 70.0, 60.0], 0.17, 1.7, 0.08, Texture::Rough),                   // AK
+        4 => s([195.0, 165.0, 85.0], 0.25, 2.2, 0.05, Texture::Stripes),                // BKL
+        5 => s([105.0, 60.0, 40.0], 0.15, 1.0, 0.0, Texture::PaleCentre),               // DF
+        6 => s([125.0, 15.0, 95.0], 0.11, 1.0, 0.0, Texture::Plain),                    // VASC
+        _ => s([220.0, 125.0, 75.0], 0.28, 1.2, 0.10, Texture::Dots([245.0, 235.0, 225.0])), // SCC
     }
 }
 
@@ -145,7 +145,7 @@ fn render(l: &Lesion, w: u32, h: u32, shot: u64) -> RgbImage {
     let m = wf.min(hf);
     // Each photograph of a lesion: slightly shifted, re-lit.
     let (sx, sy) = ((rng.random::<f32>() - 0.5) * 0.06 * wf, (rng.random::<f32>() - 0.5) * 0.06 * hf);
-    let light = 0.9 + 0.2 * rng.random::<f32>();
+    let light = 0.94 + 0.12 * rng.random::<f32>();
     let (cx, cy) = (l.cx * wf + sx, l.cy * hf + sy);
     let (a, b) = (l.radius * m * l.style.elong.sqrt(), l.radius * m / l.style.elong.sqrt());
     let (ca, sa) = (l.angle.cos(), l.angle.sin());
