@@ -51,6 +51,27 @@ __device__ __forceinline__ void map2(T* __restrict__ y, const T* __restrict__ a,
     for (int64_t i = done + i0; i < n; i += stride) y[i] = from_f<T>(f(to_f(a[i]), to_f(b[i])));
 }
 
+// y = f(y, b) in place. y carries no __restrict__: a restrict-qualified const view of y (map2(y, y, b)) would let
+// the compiler read y through the read-only data cache while this kernel writes it, which is undefined.
+template <typename T, typename F>
+__device__ __forceinline__ void map2_inplace(T* y, const T* __restrict__ b, int64_t n, F f) {
+    constexpr int N = Vec<T>::N;
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    int64_t i0 = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int64_t done = 0;
+    if (aligned16(y) && aligned16(b)) {
+        const int64_t nv = n / N;
+        for (int64_t v = i0; v < nv; v += stride) {
+            Vec<T> vy = load16(y + v * N), vb = load16(b + v * N);
+#pragma unroll
+            for (int k = 0; k < N; ++k) vy.v[k] = from_f<T>(f(to_f(vy.v[k]), to_f(vb.v[k])));
+            store16(y + v * N, vy);
+        }
+        done = nv * N;
+    }
+    for (int64_t i = done + i0; i < n; i += stride) y[i] = from_f<T>(f(to_f(y[i]), to_f(b[i])));
+}
+
 struct SiluFwd {
     __device__ float operator()(float x) const { return x / (1.0f + expf(-x)); }
 };
@@ -81,7 +102,7 @@ struct Scale {
     float alpha;
     __device__ float operator()(float x) const { return alpha * x; }
 };
-// y = y + alpha * x, written as map2(y, y, x): y is read and written by the same thread.
+// y = y + alpha * x, in place (map2_inplace).
 struct Axpy {
     float alpha;
     __device__ float operator()(float y, float x) const { return y + alpha * x; }
@@ -105,7 +126,7 @@ struct Axpy {
         map1(y, x, n, Scale{alpha});                                                                                  \
     }                                                                                                                 \
     extern "C" __global__ void axpy_##SFX(T* y, const T* x, float alpha, int64_t n) {                               \
-        map2(y, (const T*)y, x, n, Axpy{alpha});                                                                      \
+        map2_inplace(y, x, n, Axpy{alpha});                                                                           \
     }
 
 DERMA_ELEMENTWISE(float, f32)
