@@ -110,15 +110,25 @@ fn transitions(h: &History) -> Vec<(f64, usize, usize)> {
         .collect()
 }
 
+/// How a per-epoch line chart is labelled.
+struct LineStyle<'a> {
+    title: &'a str,
+    y_desc: &'a str,
+    /// Y values are fractions shown as percentages.
+    percent: bool,
+    legend: SeriesLabelPosition,
+    /// Dashed vertical lines where the unfreezing stage changes.
+    mark_transitions: bool,
+}
+
 fn line_chart(
     area: &Area<'_>,
-    title: &str,
-    y_desc: &str,
+    style: LineStyle<'_>,
     h: &History,
     series: &[Series],
     y_range: Range<f64>,
-    percent: bool,
 ) -> Result<()> {
+    let LineStyle { title, y_desc, percent, legend, mark_transitions } = style;
     let mut chart = ChartBuilder::on(area)
         .caption(title, (FONT, 28))
         .margin(16)
@@ -137,7 +147,7 @@ fn line_chart(
         .light_line_style(RGBColor(235, 235, 235))
         .draw()
         .map_err(pe)?;
-    for (epoch, from, to) in transitions(h) {
+    for (epoch, from, to) in transitions(h).into_iter().filter(|_| mark_transitions) {
         let style = GREY.stroke_width(1);
         chart
             .draw_series(DashedLineSeries::new(vec![(epoch, y_range.start), (epoch, y_range.end)], 6, 4, style))
@@ -163,7 +173,7 @@ fn line_chart(
         .label_font((FONT, 18))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
+        .position(legend)
         .draw()
         .map_err(pe)?;
     Ok(())
@@ -189,7 +199,14 @@ pub fn plot_accuracy(h: &History, path: &Path) -> Result<()> {
         },
     ];
     let range = value_range(&series, Some(0.0), Some(1.0));
-    render_png(path, LINE_W, |a| line_chart(a, "Accuracy", "accuracy", h, &series, range, true))
+    let style = LineStyle {
+        title: "Accuracy",
+        y_desc: "accuracy",
+        percent: true,
+        legend: SeriesLabelPosition::LowerRight,
+        mark_transitions: true,
+    };
+    render_png(path, LINE_W, |a| line_chart(a, style, h, &series, range))
 }
 
 /// Train and validation loss per epoch.
@@ -200,44 +217,15 @@ pub fn plot_loss(h: &History, path: &Path) -> Result<()> {
         Series { label: "val loss".into(), color: ORANGE, points: finite_points(h, |r| r.val_loss) },
     ];
     let range = value_range(&series, Some(0.0), None);
-    render_png(path, LINE_W, |a| {
-        // Loss decreases: the legend goes top right.
-        let mut chart = ChartBuilder::on(a)
-            .caption("Loss", (FONT, 28))
-            .margin(16)
-            .x_label_area_size(56)
-            .y_label_area_size(78)
-            .build_cartesian_2d(epoch_range(h), range.clone())
-            .map_err(pe)?;
-        chart
-            .configure_mesh()
-            .x_desc("epoch")
-            .y_desc("loss")
-            .axis_desc_style((FONT, 20))
-            .label_style((FONT, 16))
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_label_formatter(&|y| format!("{y:.3}"))
-            .light_line_style(RGBColor(235, 235, 235))
-            .draw()
-            .map_err(pe)?;
-        for s in &series {
-            let color = s.color;
-            chart
-                .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(3)))
-                .map_err(pe)?
-                .label(s.label.as_str())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3)));
-        }
-        chart
-            .configure_series_labels()
-            .label_font((FONT, 18))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(pe)?;
-        Ok(())
-    })
+    // Loss decreases: the legend goes top right.
+    let style = LineStyle {
+        title: "Loss",
+        y_desc: "loss",
+        percent: false,
+        legend: SeriesLabelPosition::UpperRight,
+        mark_transitions: false,
+    };
+    render_png(path, LINE_W, |a| line_chart(a, style, h, &series, range))
 }
 
 /// Frozen `features` blocks (top) and backbone learning-rate multiplier (bottom) per epoch.
