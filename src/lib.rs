@@ -15,6 +15,7 @@
 pub mod autograd;
 pub mod cuda;
 pub mod data;
+pub mod interrupt;
 pub mod io;
 pub mod nn;
 pub mod ops;

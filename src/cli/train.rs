@@ -156,7 +156,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
             dir
         }
     };
-    trainer::install_ctrlc_handler()?;
+    derma::interrupt::install()?;
     let outcome = trainer::run(&TrainRun {
         config: cfg,
         data,

@@ -31,22 +31,7 @@ use rand::SeedableRng;
 use rand_pcg::Pcg64;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-/// Makes Ctrl-C finish the current step, save and exit; a second Ctrl-C exits at once.
-pub fn install_ctrlc_handler() -> Result<()> {
-    ctrlc::set_handler(|| {
-        if STOP.swap(true, Ordering::SeqCst) {
-            eprintln!("\ninterrupted twice: exiting without saving");
-            std::process::exit(130);
-        }
-        eprintln!("\ninterrupt: finishing the current step, then saving (Ctrl-C again to abort)");
-    })
-    .context("cannot install the Ctrl-C handler")
-}
 
 /// What to train and where.
 #[derive(Clone, Debug)]
@@ -324,7 +309,7 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
                 (state.progress.seen as f64) / secs.max(1e-9)
             ));
             bar.inc(1);
-            if STOP.load(Ordering::SeqCst) || run.stop_after_steps.is_some_and(|n| steps_this_process >= n) {
+            if crate::interrupt::requested() || run.stop_after_steps.is_some_and(|n| steps_this_process >= n) {
                 state.progress.seconds = secs;
                 bar.abandon_with_message("interrupted");
                 checkpoint::save(&last_path, &model, &adamw, &state, cfg, &class_names, cfg.image_size)?;
