@@ -158,8 +158,8 @@ fn emu_flags(root: &Path, asan: bool) -> Vec<String> {
         "-fno-strict-aliasing".to_string(),
         "-include".to_string(),
         emu.join("cuda_emu.h").display().to_string(),
-        // __FILE__ in reports reads kernels/x.cu, not a machine path.
-        format!("-fmacro-prefix-map={}/=", root.display()),
+        // __FILE__ in reports (and UBSan's locations) read kernels/x.cu, not a machine path.
+        format!("-ffile-prefix-map={}/=", root.display()),
     ];
     if asan {
         flags.extend(
@@ -323,7 +323,13 @@ fn find_extern_shared(text: &str) -> Option<Match> {
         let start = from + i;
         let after = &text[start + 6..];
         let ws = after.len() - after.trim_start().len();
-        if ws > 0 && after[ws..].starts_with("__shared__") {
+        // Only a declaration: what precedes it on its line is blank or ends a statement or block (not a comment).
+        let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+        let prefix = text[line_start..start].trim();
+        let starts_declaration = !prefix.contains("//")
+            && !prefix.contains("/*")
+            && (prefix.is_empty() || prefix.ends_with([';', '{', '}']));
+        if ws > 0 && starts_declaration && after[ws..].starts_with("__shared__") {
             return Some(Match { start, len: 6 + ws + "__shared__".len() });
         }
         from = start + 6;

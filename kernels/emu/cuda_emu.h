@@ -5,8 +5,10 @@
 //
 // Why fibers switch only at sync points: between two sync points CUDA promises nothing about the order in which
 // threads run, so running each thread alone up to its next sync point is one legal interleaving. Choosing the
-// order (forward, reverse, random, warp-reverse) picks different legal interleavings, which is what exposes a
-// missing barrier. What this cannot show: races inside one interleaving step (the memory model), lockstep warp
+// order picks different legal interleavings, which is what exposes a missing barrier: forward, reverse and
+// warp-reverse run one warp at a time through its warp collectives up to the next block barrier (warps 0..W-1;
+// W-1..0 with lanes reversed too; W-1..0 with lanes in order), random runs every ready thread to its next sync
+// point in a fresh random order each time. What this cannot show: races inside one interleaving step (the memory model), lockstep warp
 // timing, and anything of PTX, ptxas or the driver.
 //
 // Shared memory: `__shared__` is `static` storage. Blocks run one after another, so one copy per kernel serves
