@@ -141,6 +141,7 @@ M18|dropout.cu|dropout|stochastic_depth: coin per element index modulo the sampl
 M19|loss.cu|loss|softmax_loss: row loop bound off by one (i <= B reads a row past the batch)|"for (int i = threadIdx.x; i < p.b; i += blockDim.x) {\n        const T* z"|"for (int i = threadIdx.x; i <= p.b; i += blockDim.x) {\n        const T* z"|1
 M20|optim.cu|optim|unscale: __all_sync instead of __any_sync (one inf in a warp goes unnoticed)|"__any_sync(0xffffffffu, bad)"|"__all_sync(0xffffffffu, bad)"|1
 M21|optim.cu|optim|adamw: vector count rounded up (reads and writes past n)|"const int64_t nv = a.n / 4;"|"const int64_t nv = (a.n + 3) / 4;"|1
+M22|se.cu|se|se_pool: __launch_bounds__ retuned to 128 threads while the launcher uses 256 (the GPU refuses the launch)|"__launch_bounds__(256, 4) se_pool_##SFX"|"__launch_bounds__(128, 4) se_pool_##SFX"|1
 EOF
 )
 
@@ -186,7 +187,7 @@ except Exception:
 fails = [r for r in doc.get("results", []) if not r.get("pass", True)]
 names = []
 for r in fails:
-    n = " ".join(str(r.get(k)) for k in ("family", "name", "dtype", "shape") if r.get(k) is not None)
+    n = " ".join(str(r.get(k)) for k in ("family", "op", "dtype", "shape") if r.get(k) is not None)
     names.append(n or json.dumps(r)[:80])
 errs = [e.splitlines()[0][:160] for e in doc.get("errors", [])]
 parts = []

@@ -698,6 +698,23 @@ fn launch_shapes_cuda_refuses_are_errors() {
 }
 
 #[test]
+fn launches_past_a_kernels_launch_bounds_are_refused_as_on_the_gpu() {
+    sys::set_schedule(forward());
+    let mut out = vec![0u32; 1024];
+    for (name, bound) in [("emu_test_bounded_literal", 64u32), ("emu_test_bounded_expr", 96)] {
+        launch(name, (2, 1, 1), (bound, 1, 1), 0, Args::new().ptr(out.as_mut_ptr())).unwrap();
+        assert!(out[..bound as usize].iter().all(|&v| v == 1), "{name}: every thread ran");
+        expect_error(
+            launch(name, (1, 1, 1), (bound / 2, 2, 2), 0, Args::new().ptr(out.as_mut_ptr())),
+            &[
+                &format!("kernel {name}: block ({},2,2) has {} threads", bound / 2, 2 * bound),
+                &format!("__launch_bounds__({bound})"),
+            ],
+        );
+    }
+}
+
+#[test]
 fn launches_from_several_os_threads_run_concurrently_with_their_own_schedules() {
     let seed: u64 = rand::random();
     let handles: Vec<_> = (0..4u64)

@@ -38,7 +38,13 @@
 #define __host__
 #define __forceinline__ inline
 #define __noinline__ __attribute__((noinline))
+#ifdef DERMA_EMU_SCAN
+// The scan reads the bound too: a launch with more threads per block than a kernel's __launch_bounds__ fails on
+// the GPU ("too many resources requested"), so the emulator refuses it as well.
+#define __launch_bounds__(...) derma_emu_launch_bounds_mark(__VA_ARGS__)
+#else
 #define __launch_bounds__(...)
+#endif
 #define __align__(n) __attribute__((aligned(n)))
 #define __constant__
 #define __shared__ static
@@ -356,6 +362,8 @@ struct EntryPoint {
     const char* name;
     void (*run)(void** args);
     int params;
+    // __launch_bounds__'s maxThreadsPerBlock, or 1024 when the kernel has none.
+    int max_threads;
 };
 template <typename... P> constexpr int param_count(void (*)(P...)) { return (int)sizeof...(P); }
 

@@ -717,6 +717,13 @@ int derma_emu_launch(const char* name, derma_dim3 grid, derma_dim3 block, uint32
         copy_error(msg, err, err_len);
         return 1;
     }
+    if ((uint64_t)block.x * block.y * block.z > (uint64_t)entry->max_threads) {
+        copy_error(format("kernel %s: block (%u,%u,%u) has %u threads, more than its __launch_bounds__(%d) allows; "
+                          "the GPU refuses such a launch",
+                          name, block.x, block.y, block.z, block.x * block.y * block.z, entry->max_threads),
+                   err, err_len);
+        return 1;
+    }
     std::lock_guard<std::mutex> lock(g_launch_mutex);
 #if defined(DERMA_EMU_ASAN)
     static const bool death_callback_set = [] {

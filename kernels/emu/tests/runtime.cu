@@ -226,3 +226,10 @@ extern "C" __global__ void emu_test_syncwarp_after_exit(int32_t* out) {
     __syncwarp();
     out[threadIdx.x] = 1;
 }
+
+// Launch bounds, as a literal and as an expression of the file's own constants.
+constexpr int kBoundedThreads = 32;
+extern "C" __global__ void __launch_bounds__(64) emu_test_bounded_literal(uint32_t* out) { out[threadIdx.x] = 1; }
+extern "C" __global__ void __launch_bounds__(kBoundedThreads * 3, 2) emu_test_bounded_expr(uint32_t* out) {
+    out[threadIdx.x] = 1;
+}
