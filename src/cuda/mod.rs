@@ -12,6 +12,7 @@ pub mod check;
 pub mod cli;
 pub mod device;
 pub mod dnn;
+pub mod emu;
 pub mod kernels;
 
 pub use device::Gpu;
