@@ -7,6 +7,10 @@
 //! tree (`$DERMA_NVCC_CACHE`, else `$XDG_CACHE_HOME/derma/nvcc-13.0`, else `~/.cache/derma/nvcc-13.0`). When that
 //! fails too, the crate still builds, without GPU kernels, unless `DERMA_REQUIRE_NVCC=1`.
 //!
+//! It also compiles the same files with the host C++ compiler against kernels/emu (the CUDA execution model as a
+//! header and a fiber runtime) into the static library `derma_emu`, always: that is the emulated device
+//! (src/cuda/emu). With the `emu-asan` feature the library is built with AddressSanitizer and UBSan instead.
+//!
 //! Environment: `DERMA_CUDA_ARCHS` (e.g. "80,90"; default "80,86,89,90"), `DERMA_REQUIRE_NVCC=1`,
 //! `DERMA_NO_CUDA_KERNELS=1` (skip the kernel build entirely), `DERMA_NVCC_CACHE`, `NVCC`, `CUDA_HOME`, `CUDA_PATH`.
 
@@ -16,6 +20,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
+
+#[path = "kernels/emu/build.rs"]
+mod emu;
 
 /// CUDA 13.0 wheels: their PTX (ISA 9.0) loads on 580-series drivers; newer toolkits need newer drivers.
 const NVCC_WHEELS: &[&str] = &[
@@ -51,6 +58,10 @@ fn main() {
     let sources = kernel_sources();
     for s in &sources.all {
         println!("cargo:rerun-if-changed={}", s.display());
+    }
+
+    if let Err(e) = emu::build(&out_dir) {
+        fail(&format!("the emulated kernel library (host C++ build of kernels/*.cu): {e}"));
     }
 
     let archs = match parse_archs() {

@@ -3,7 +3,8 @@
 //! criterion's B/s column is the achieved memory bandwidth to compare with the device's peak. Each iteration is
 //! one launch (or the launches of one op) followed by a stream synchronise.
 //!
-//! Without a usable CUDA device the bench prints a skip line and exits 0.
+//! Without a usable CUDA device the bench prints a skip line and exits 0 (the emulated device runs the same
+//! kernels, but its timings say nothing about a GPU's, so it is not benched).
 
 use anyhow::Result;
 use criterion::{Criterion, Throughput};
@@ -12,7 +13,7 @@ use derma::cuda::check::{Store, device_for_check};
 use derma::cuda::kernels::{
     AdamParams, BnParams, DevSlice, DwParams, LossParams, Unary, bn_workspace_bytes, dw_weight_workspace_bytes,
 };
-use derma::cuda::{DeviceRequest, Gpu, Selected, probe};
+use derma::cuda::{DeviceRequest, Gpu, probe};
 use half::f16;
 
 fn s(b: &Block) -> DevSlice<'_> {
@@ -202,7 +203,7 @@ fn optim(c: &mut Criterion, g: &Gpu) {
 }
 
 fn main() {
-    let gpu = match device_for_check(&probe(), DeviceRequest::Cuda(0)).and_then(|i| Gpu::open(&Selected::Cuda(i))) {
+    let gpu = match device_for_check(&probe(), DeviceRequest::Cuda(0)).and_then(|sel| Gpu::open(&sel)) {
         Ok(g) => g,
         Err(e) => {
             println!("SKIPPED (no CUDA device): cuda_kernels benches: {}", e.to_string().replace('\n', " "));

@@ -44,7 +44,8 @@ enum Command {
     #[command(subcommand)]
     Bench(cli::bench::BenchCmd),
     /// Every CUDA kernel, the cuBLASLt GEMM and the cuDNN conv against the CPU reference (f32 and f16, forward and
-    /// backward, fresh random inputs); exits non-zero on any mismatch or without a usable CUDA device.
+    /// backward, fresh random inputs) on a GPU or, with --device emu, on the emulated device; exits non-zero on any
+    /// mismatch or without a usable device.
     Check(derma::cuda::check::CheckArgs),
 }
 
@@ -91,7 +92,7 @@ struct ForwardArgs {
     output: PathBuf,
     #[arg(long, value_enum, default_value = "eval")]
     mode: forward::Mode,
-    #[arg(long, default_value = "auto", value_parser = cuda::parse_device)]
+    #[arg(long, default_value = "auto", value_parser = cuda::parse_device, help = cuda::DEVICE_HELP)]
     device: DeviceRequest,
     #[arg(long, value_enum, default_value = "f32")]
     precision: Precision,

@@ -1,49 +1,56 @@
 //! Every CUDA kernel (and the cuBLASLt / cuDNN wrappers) against the CPU reference in `derma::ops`, through the
 //! same comparisons `derma check` runs: one test per op family, fresh random inputs (the seed is printed), outputs
-//! poisoned with NaN before each launch, every element compared. Without a usable GPU each test prints
-//! "SKIPPED (no CUDA device): ..." and returns.
+//! poisoned with NaN and fenced by canaries, every element compared.
+//!
+//! Each test body runs on every device this machine has: the emulated device (kernels/*.cu compiled for the host)
+//! under two thread schedules, so a missing barrier or a race between lanes that one order hides shows under the
+//! other, and the first CUDA GPU when one is usable.
 
 use derma::cuda::alloc::Block;
 use derma::cuda::check::{Family, check_family, device_for_check, render_table};
-use derma::cuda::{DeviceRequest, Gpu, Selected, probe};
+use derma::cuda::{DeviceRequest, Gpu, Schedule, probe};
 
-/// The GPU when the driver, a device and the kernels are all there; otherwise prints why the test is skipped.
-fn gpu(test: &str) -> Option<Gpu> {
-    match device_for_check(&probe(), DeviceRequest::Cuda(0)) {
-        Ok(info) => match Gpu::open(&Selected::Cuda(info)) {
-            Ok(g) => Some(g),
-            Err(e) => panic!("{test}: the probed GPU did not open: {e:#}"),
-        },
-        Err(e) => {
-            // Written to the stderr handle directly: the test harness captures `println!`/`eprintln!` of passing
-            // tests, and a skip must show in the run's output.
-            let line = format!("SKIPPED (no CUDA device): {test}: {}\n", e.to_string().replace('\n', " "));
-            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
-            None
-        }
-    }
-}
+/// The thread schedules the emulated device runs every test under.
+const SCHEDULES: [Schedule; 2] = [Schedule::WarpReverse, Schedule::Random];
 
 fn fresh_seed() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
 }
 
-/// Runs one family's comparisons and fails on any mismatch, printing the whole table.
-fn family(test: &str, f: Family) {
-    let Some(g) = gpu(test) else { return };
+/// Runs `body` on every available device: the emulated device once per schedule in [`SCHEDULES`] (the schedule is
+/// set for this test's thread), then the first GPU if one is usable. A device that is there but does not open is
+/// a failure, not a skip.
+fn on_every_device(test: &str, mut body: impl FnMut(&Gpu, &str, u64)) {
     let seed = fresh_seed();
-    println!("{test}: seed {seed} (replay: derma check --seed {seed} --family {})", f.name());
-    let results = check_family(&g, f, seed).unwrap_or_else(|e| panic!("{test}: {e:#}"));
-    print!("{}", render_table(&results));
-    assert!(!results.is_empty(), "{test}: no comparisons ran");
-    let failed: Vec<_> = results.iter().filter(|r| !r.pass).collect();
-    assert!(
-        failed.is_empty(),
-        "{test}: {} of {} comparisons failed:\n{}",
-        failed.len(),
-        results.len(),
-        render_table(&results)
-    );
+    let emu = Gpu::emulated().unwrap_or_else(|e| panic!("{test}: the emulated device did not open: {e:#}"));
+    for schedule in SCHEDULES {
+        emu.set_schedule(schedule, seed).unwrap_or_else(|e| panic!("{test}: {e:#}"));
+        let label = format!("emu (schedule {})", schedule.name());
+        body(&emu, &label, seed);
+    }
+    if let Ok(sel) = device_for_check(&probe(), DeviceRequest::Cuda(0)) {
+        let gpu = Gpu::open(&sel).unwrap_or_else(|e| panic!("{test}: the probed GPU did not open: {e:#}"));
+        let label = format!("cuda:0 ({})", gpu.info.name);
+        body(&gpu, &label, seed);
+    }
+}
+
+/// Runs one family's comparisons on every device and fails on any mismatch, printing the whole table.
+fn family(test: &str, f: Family) {
+    on_every_device(test, |g, device, seed| {
+        println!("{test} on {device}: seed {seed} (replay: derma check --seed {seed} --family {})", f.name());
+        let results = check_family(g, f, seed).unwrap_or_else(|e| panic!("{test} on {device}: {e:#}"));
+        print!("{}", render_table(&results));
+        assert!(!results.is_empty(), "{test} on {device}: no comparisons ran");
+        let failed: Vec<_> = results.iter().filter(|r| !r.pass).collect();
+        assert!(
+            failed.is_empty(),
+            "{test} on {device}: {} of {} comparisons failed (seed {seed}):\n{}",
+            failed.len(),
+            results.len(),
+            render_table(&results)
+        );
+    });
 }
 
 #[test]
@@ -93,26 +100,53 @@ fn cuda_cudnn_conv() {
 
 #[test]
 fn cuda_too_short_buffers_are_refused_before_launch() {
-    let Some(g) = gpu("cuda_too_short_buffers_are_refused_before_launch") else { return };
     use derma::cuda::kernels::{DevSlice, Unary};
-    let (x, y) = (g.upload(&[1.0f32; 10]).unwrap(), g.upload(&[0.0f32; 10]).unwrap());
-    // Blocks are rounded up to a size class: ask for more than the class holds.
-    let n = x.len_bytes() / 4 + 1;
-    assert!(g.kernels.unary::<f32>(&g.stream, Unary::Relu, DevSlice::of(&y), DevSlice::of(&x), n).is_err());
+    on_every_device("cuda_too_short_buffers_are_refused_before_launch", |g, device, _| {
+        let (x, y) = (g.upload(&[1.0f32; 10]).unwrap(), g.upload(&[0.0f32; 10]).unwrap());
+        // Blocks are rounded up to a size class: ask for more than the class holds.
+        let n = x.len_bytes() / 4 + 1;
+        let e = g.kernels.unary::<f32>(&g.stream, Unary::Relu, DevSlice::of(&y), DevSlice::of(&x), n);
+        let e = e.expect_err(device).to_string();
+        assert!(e.contains("unary y") && e.contains("bytes"), "{device}: {e}");
+        // Nothing was launched: y still holds its zeros.
+        assert_eq!(g.download::<f32>(&y, 10).unwrap(), vec![0.0; 10], "{device}");
+    });
 }
 
 #[test]
 fn cuda_allocator_steady_state_on_device() {
-    let Some(g) = gpu("cuda_allocator_steady_state_on_device") else { return };
-    let sizes = [1usize << 20, 12345, 77, 3 << 20];
-    for _ in 0..4 {
-        let blocks: Vec<Block> = sizes.iter().map(|&b| g.alloc.alloc(b).unwrap()).collect();
-        drop(blocks);
-    }
-    let st = g.alloc.stats();
-    assert_eq!(st.raw_allocs, sizes.len() as u64, "{st:?}");
-    assert_eq!(st.in_use, 0);
-    g.alloc.set_context("batch size 1");
-    let e = g.alloc.alloc(1 << 50).err().expect("a petabyte cannot be allocated").to_string();
-    assert!(e.contains("batch size 1") && e.contains("asked for"), "{e}");
+    on_every_device("cuda_allocator_steady_state_on_device", |g, device, _| {
+        let before = g.alloc.stats().raw_allocs;
+        let sizes = [1usize << 20, 12345, 77, 3 << 20];
+        for _ in 0..4 {
+            let blocks: Vec<Block> = sizes.iter().map(|&b| g.alloc.alloc(b).unwrap()).collect();
+            // Device memory is aligned as cudaMalloc aligns it.
+            assert!(blocks.iter().all(|b| b.addr() % 256 == 0), "{device}");
+            drop(blocks);
+        }
+        let st = g.alloc.stats();
+        assert!(st.raw_allocs - before <= sizes.len() as u64, "{device}: {st:?}");
+        assert_eq!(st.in_use, 0, "{device}");
+        g.alloc.set_context("batch size 1");
+        let e = g.alloc.alloc(1 << 50).err().expect("a petabyte cannot be allocated").to_string();
+        assert!(e.contains("batch size 1") && e.contains("asked for"), "{device}: {e}");
+    });
+}
+
+#[test]
+fn cuda_copies_round_trip() {
+    on_every_device("cuda_copies_round_trip", |g, device, _| {
+        let host: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5 - 7.0).collect();
+        let a = g.upload(&host).unwrap();
+        let b = g.zeros(4000).unwrap();
+        assert_eq!(g.download::<f32>(&b, 1000).unwrap(), vec![0.0; 1000], "{device}: zeros");
+        g.copy(&b, &a, 4000).unwrap();
+        assert_eq!(g.download::<f32>(&b, 1000).unwrap(), host, "{device}: device-to-device copy");
+        g.write(&b, 8, &[42.0f32, 43.0]).unwrap();
+        let mut two = [0.0f32; 3];
+        g.read(&b, 4, &mut two).unwrap();
+        assert_eq!(two, [host[1], 42.0, 43.0], "{device}: copies at an offset");
+        assert!(g.write(&b, 3999, &[1.0f32]).is_err(), "{device}: a write past the block is refused");
+        assert!(g.download::<f32>(&b, 1001).is_err(), "{device}: a read past the block is refused");
+    });
 }

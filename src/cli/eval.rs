@@ -39,8 +39,7 @@ pub struct EvalArgs {
     /// One JSON object on stdout instead of tables.
     #[arg(long)]
     json: bool,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto", value_parser = cuda::parse_device)]
+    #[arg(long, default_value = "auto", value_parser = cuda::parse_device, help = cuda::DEVICE_HELP)]
     device: DeviceRequest,
 }
 

@@ -44,8 +44,7 @@ pub struct TrainArgs {
     /// Data-loading threads [default: min(6, cores)].
     #[arg(long)]
     workers: Option<usize>,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long)]
+    #[arg(long, help = derma::cuda::DEVICE_HELP)]
     device: Option<DeviceRequest>,
     #[arg(long, value_enum)]
     precision: Option<Precision>,

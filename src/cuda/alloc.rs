@@ -5,14 +5,15 @@
 //! All blocks are meant for one stream: a block dropped while a kernel on that stream still uses it can be handed
 //! out again at once, because the next user's work is queued behind it on the same stream.
 //!
-//! The raw allocator is a trait ([`RawAlloc`]) so the caching logic is tested on the CPU with a fake device.
+//! The raw allocator is a trait ([`RawAlloc`]): the driver on a GPU, host memory on the emulated device
+//! ([`HostAlloc`]), a fake in the caching logic's tests.
 
 use anyhow::{Result, bail};
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 
-/// Where blocks come from: the driver on a GPU, a fake in tests.
+/// Where blocks come from: the driver on a GPU, the host on the emulated device, a fake in tests.
 pub trait RawAlloc: Send + Sync {
     /// Allocates `bytes` of device memory; `Err` when the device is out of memory.
     fn alloc(&self, bytes: usize) -> std::result::Result<u64, String>;
@@ -43,6 +44,59 @@ impl RawAlloc for DriverAlloc {
         if self.ctx.bind_to_thread().is_ok() {
             // SAFETY: ptr came from malloc_sync on this context and is freed once (the pool forgets it here).
             let _ = unsafe { cudarc::driver::result::free_sync(ptr) };
+        }
+    }
+}
+
+/// Memory of the emulated device: host allocations aligned to 256 bytes, as cudaMalloc aligns device memory, so
+/// the vector paths and cuBLASLt's alignment rules see the same addresses modulo 256 as on a GPU. Fresh memory is
+/// filled with 0xFF bytes (NaN in f32 and f16), so a kernel that reads memory nobody wrote computes NaNs.
+#[derive(Default)]
+pub struct HostAlloc {
+    live: Mutex<std::collections::HashMap<u64, std::alloc::Layout>>,
+}
+
+/// Alignment of emulated device allocations (cudaMalloc's).
+pub const EMULATED_ALIGN: usize = 256;
+
+impl HostAlloc {
+    /// An empty emulated device memory.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl RawAlloc for HostAlloc {
+    fn alloc(&self, bytes: usize) -> std::result::Result<u64, String> {
+        let layout = std::alloc::Layout::from_size_align(bytes.max(1), EMULATED_ALIGN)
+            .map_err(|_| format!("{bytes} bytes cannot be allocated on the host"))?;
+        // SAFETY: the layout has a nonzero size.
+        let p = unsafe { std::alloc::alloc(layout) };
+        if p.is_null() {
+            return Err(format!("the host could not allocate {bytes} bytes for the emulated device"));
+        }
+        // SAFETY: p points at layout.size() freshly allocated bytes.
+        unsafe { std::ptr::write_bytes(p, 0xFF, layout.size()) };
+        let mut live = self.live.lock().map_err(|_| "the emulated device memory lock is poisoned".to_string())?;
+        live.insert(p as u64, layout);
+        Ok(p as u64)
+    }
+
+    fn free(&self, ptr: u64) {
+        let Ok(mut live) = self.live.lock() else { return };
+        if let Some(layout) = live.remove(&ptr) {
+            // SAFETY: ptr came from std::alloc::alloc with this layout and is freed once (removed from `live`).
+            unsafe { std::alloc::dealloc(ptr as *mut u8, layout) };
+        }
+    }
+}
+
+impl Drop for HostAlloc {
+    fn drop(&mut self) {
+        let Ok(live) = self.live.get_mut() else { return };
+        for (ptr, layout) in live.drain() {
+            // SAFETY: as in `free`; the allocator is going away, so nothing uses these blocks any more.
+            unsafe { std::alloc::dealloc(ptr as *mut u8, layout) };
         }
     }
 }

@@ -14,6 +14,7 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDro
 use std::marker::PhantomData;
 use std::sync::Arc;
 
+use super::device::{Gpu, Stream};
 use super::kernels::DevSlice;
 
 /// A typed view of a [`DevSlice`] that cudarc's cuBLASLt API accepts. The caching allocator, not cudarc, owns the
@@ -68,9 +69,13 @@ pub struct Blas {
 }
 
 impl Blas {
-    /// Creates the handle. Call only after [`super::probe`] reported cuBLASLt present: cudarc panics when the
-    /// library cannot be loaded.
-    pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
+    /// Creates the handle on `gpu`'s stream. On a GPU, call only after [`super::probe`] reported cuBLASLt present:
+    /// cudarc panics when the library cannot be loaded.
+    pub fn new(gpu: &Gpu) -> Result<Self> {
+        let Stream::Cuda(stream) = &gpu.stream else {
+            anyhow::bail!("cuBLASLt is not available on the emulated device yet")
+        };
+        let stream = stream.clone();
         let lt = CudaBlasLT::new(stream.clone()).map_err(|e| anyhow::anyhow!("creating the cuBLASLt handle: {e:?}"))?;
         Ok(Self { lt, stream })
     }

@@ -22,7 +22,7 @@ use super::alloc::Block;
 use super::kernels::{
     AdamParams, BnParams, DevSlice, DwParams, Elem, LossParams, Unary, bn_workspace_bytes, dw_weight_workspace_bytes,
 };
-use super::{DeviceRequest, Gpu, GpuInfo, Probe, Selected, build_info, parse_device, probe, select_from, uniform01};
+use super::{DeviceRequest, Gpu, Probe, Schedule, Selected, build_info, parse_device, probe, select_from, uniform01};
 use crate::ops;
 use crate::ops::activation::Act;
 use crate::ops::batchnorm::{BnCfg, BnMode, BnState};
@@ -34,9 +34,13 @@ use crate::train::scaler::{GradScaler, GradScalerConfig};
 /// Arguments of `derma check`.
 #[derive(clap::Args, Debug)]
 pub struct CheckArgs {
-    /// CUDA device to check: cuda, cuda:N (auto means cuda:0; there is nothing to check on the CPU).
+    /// Device to check: cuda, cuda:N (auto means cuda:0; there is nothing to check on the CPU), or emu (a test
+    /// device: runs the CUDA code path's kernels on the CPU through the emulator).
     #[arg(long, default_value = "cuda", value_parser = parse_device)]
     pub device: DeviceRequest,
+    /// Emulated device only: the order of threads between sync points and of blocks [default: forward].
+    #[arg(long, value_enum)]
+    pub schedule: Option<Schedule>,
     /// Print the results as JSON: {device, seed, relative_error, results, failures, ptxas_resources}.
     #[arg(long)]
     pub json: bool,
@@ -201,20 +205,22 @@ pub fn judge(family: Family, op: &str, dtype: Dtype, shape: &str, got: &[f64], w
     }
 }
 
-/// The device `derma check` runs on: a usable CUDA device by the same rule as [`super::select`], an error naming
-/// what is missing otherwise (`auto` does not fall back to the CPU here: there is nothing to compare there).
-pub fn device_for_check(p: &Probe, request: DeviceRequest) -> Result<GpuInfo> {
+/// The device `derma check` runs on: the emulated device for `emu`, else a usable CUDA device by the same rule as
+/// [`super::select`], an error naming what is missing otherwise (`auto` does not fall back to the CPU here: there
+/// is nothing to compare there, nor to the emulated device, which is only ever asked for by name).
+pub fn device_for_check(p: &Probe, request: DeviceRequest) -> Result<Selected> {
     let ordinal = match request {
         DeviceRequest::Cpu => bail!(
             "derma check compares the CUDA kernels with the CPU reference, so it needs a CUDA device: use --device \
-             cuda or --device cuda:N"
+             cuda, --device cuda:N, or --device emu (the kernels on the CPU through the emulator)"
         ),
+        DeviceRequest::Emu => return Ok(Selected::Emulated),
         DeviceRequest::Auto => 0,
         DeviceRequest::Cuda(n) => n,
     };
     match select_from(p, ordinal) {
-        Ok(Selected::Cuda(g)) => Ok(g),
-        Ok(Selected::Cpu) => bail!("derma check needs a CUDA device, and cuda:{ordinal} resolved to the CPU"),
+        Ok(s @ Selected::Cuda(_)) => Ok(s),
+        Ok(_) => bail!("derma check needs a CUDA device, and cuda:{ordinal} resolved to something else"),
         Err(missing) => bail!(
             "derma check needs a CUDA device, and {} cannot be used:\n  - {}",
             if request == DeviceRequest::Auto {
@@ -964,10 +970,10 @@ fn bitwise_row(family: Family, op: &str, shape: &str, changed: usize) -> CheckRe
 }
 
 fn gemm(c: &mut Ctx) -> Result<()> {
-    if !probe().cublaslt {
+    if !c.g.is_emulated() && !probe().cublaslt {
         bail!("cuBLASLt (libcublasLt.so) was not found: add it to LD_LIBRARY_PATH");
     }
-    let blas = super::blas::Blas::new(c.g.stream.clone())?;
+    let blas = super::blas::Blas::new(c.g)?;
     for (m, k, n, ta, tb) in
         [(37, 24, 40, false, false), (64, 32, 16, true, false), (13, 40, 9, false, true), (64, 64, 64, true, true)]
     {
@@ -993,11 +999,11 @@ fn gemm(c: &mut Ctx) -> Result<()> {
 }
 
 fn conv<T: Store>(c: &mut Ctx) -> Result<()> {
-    if !probe().cudnn {
+    let (g, dt) = (c.g, T::DTYPE);
+    if !g.is_emulated() && !probe().cudnn {
         bail!("cuDNN (libcudnn.so) was not found: install cuDNN 9 or add it to LD_LIBRARY_PATH");
     }
-    let (g, dt) = (c.g, T::DTYPE);
-    let dnn = super::dnn::Dnn::new(g.stream.clone())?;
+    let dnn = super::dnn::Dnn::new(g)?;
     // (N, H=W, Cin, Cout, k, stride, groups): a stem-like 3×3 s2, a 1×1 projection, an aligned 3×3.
     for (n, hw, cin, cout, k, st) in
         [(3usize, 9usize, 3usize, 13usize, 3usize, 2usize), (3, 7, 40, 13, 1, 1), (2, 8, 16, 32, 3, 1)]
@@ -1098,11 +1104,23 @@ pub fn render_table(results: &[CheckResult]) -> String {
 /// Runs `derma check`: an error (non-zero exit) when there is no usable device, a launch fails, or any
 /// comparison is outside its tolerance.
 pub fn run(args: &CheckArgs) -> Result<()> {
-    let info = device_for_check(&probe(), args.device)?;
-    let gpu = Gpu::open(&Selected::Cuda(info.clone()))?;
+    let selected = device_for_check(&probe(), args.device)?;
+    let gpu = Gpu::open(&selected)?;
+    let info = gpu.info.clone();
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
     });
+    let schedule = match (gpu.is_emulated(), args.schedule) {
+        (true, s) => Some(s.unwrap_or(Schedule::Forward)),
+        (false, None) => None,
+        (false, Some(s)) => bail!(
+            "--schedule {} applies to the emulated device only (--device emu): a GPU schedules its own threads",
+            s.name()
+        ),
+    };
+    if let Some(s) = schedule {
+        gpu.set_schedule(s, seed)?;
+    }
     let families: Vec<Family> = if args.family.is_empty() { Family::ALL.to_vec() } else { args.family.clone() };
     let mut results = Vec::new();
     let mut errors = Vec::new();
@@ -1119,6 +1137,9 @@ pub fn run(args: &CheckArgs) -> Result<()> {
                 "ordinal": info.ordinal,
                 "name": info.name,
                 "compute_capability": format!("{}.{}", info.compute_capability.0, info.compute_capability.1),
+                "emulated": gpu.is_emulated(),
+                "schedule": schedule,
+                "sms": gpu.kernels.sms(),
             },
             "seed": seed,
             "relative_error": "max|got - ref| / max(max|ref|, 1e-30), per output tensor",
@@ -1129,7 +1150,10 @@ pub fn run(args: &CheckArgs) -> Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
-        println!("derma check on cuda:{} ({}), seed {seed}", info.ordinal, info.name);
+        match schedule {
+            Some(s) => println!("derma check on emu ({}), schedule {}, seed {seed}", info.name, s.name()),
+            None => println!("derma check on cuda:{} ({}), seed {seed}", info.ordinal, info.name),
+        }
         println!("rel = max|got - ref| / max|ref| per output tensor; reference: src/ops in f64 on the same inputs");
         print!("{}", render_table(&results));
         for e in &errors {
@@ -1164,13 +1188,15 @@ mod tests {
         let e = device_for_check(&none, DeviceRequest::Auto).unwrap_err().to_string();
         assert!(e.contains("--device auto"), "{e}");
         let e = device_for_check(&none, DeviceRequest::Cpu).unwrap_err().to_string();
-        assert!(e.contains("needs a CUDA device") && e.contains("--device cuda"), "{e}");
+        assert!(e.contains("needs a CUDA device") && e.contains("--device cuda") && e.contains("--device emu"), "{e}");
+        // The emulated device needs no driver.
+        assert_eq!(device_for_check(&none, DeviceRequest::Emu).unwrap(), Selected::Emulated);
     }
 
     #[test]
     fn a_usable_probe_selects_its_device() {
         let p = crate::cuda::usable_test_probe();
-        assert_eq!(device_for_check(&p, DeviceRequest::Auto).unwrap().name, "Test GPU");
+        assert!(matches!(device_for_check(&p, DeviceRequest::Auto), Ok(Selected::Cuda(g)) if g.name == "Test GPU"));
         let e = device_for_check(&p, DeviceRequest::Cuda(1)).unwrap_err().to_string();
         assert!(e.contains("cuda:1") && e.contains("no CUDA device 1"), "{e}");
     }

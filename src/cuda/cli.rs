@@ -1,8 +1,9 @@
 //! `derma gpu-info`: what this machine offers for CUDA, the kernels' ptxas report, and copy bandwidth.
 
-use anyhow::{Result, anyhow};
+use anyhow::Result;
 use std::time::Instant;
 
+use super::emu::sys as emu_sys;
 use super::kernels::DevSlice;
 use super::{DeviceRequest, Gpu, build_info, parse_device, probe, select};
 
@@ -18,7 +19,8 @@ pub struct GpuInfoArgs {
     /// Measure host↔device and device↔device copy bandwidth and a streaming kernel on this device.
     #[arg(long)]
     pub bandwidth: bool,
-    /// Device for --bandwidth: cuda or cuda:N.
+    /// Device for --bandwidth: cuda, cuda:N, or emu (a test device: runs the CUDA code path's kernels on the CPU
+    /// through the emulator; its numbers are host memcpy and emulation speed).
     #[arg(long, default_value = "cuda", value_parser = parse_device)]
     pub device: DeviceRequest,
     /// MiB moved per bandwidth measurement.
@@ -29,10 +31,25 @@ pub struct GpuInfoArgs {
 /// Runs `derma gpu-info`.
 pub fn run(args: &GpuInfoArgs) -> Result<()> {
     let p = probe();
+    let emulated = emu_sys::has_kernel("silu_fwd_f32");
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&p.to_json())?);
+        let mut doc = p.to_json();
+        doc["emulated_device"] = serde_json::json!({
+            "available": emulated,
+            "flavour": emu_sys::flavour(),
+            "sms": super::device::EMULATED_SMS,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         println!("{p}");
+        if emulated {
+            println!(
+                "Emulated device (--device emu): kernels/*.cu compiled for the host ({} build), run on the CPU",
+                emu_sys::flavour()
+            );
+        } else {
+            println!("Emulated device (--device emu): not in this build");
+        }
     }
     if args.resources {
         if build_info::KERNELS_BUILT {
@@ -68,18 +85,11 @@ fn bandwidth(gpu: &Gpu, bytes: usize) -> Result<()> {
         }
         Ok(best)
     };
-    let h2d = best(&mut || {
-        // SAFETY: `a` holds `bytes` bytes; the copy is synchronous.
-        unsafe { cudarc::driver::result::memcpy_htod_sync(a.addr(), &host) }.map_err(|e| anyhow!("{e:?}"))
-    })?;
+    let h2d = best(&mut || gpu.write(&a, 0, &host))?;
     let mut back = vec![0.0f32; bytes / 4];
-    let d2h = best(&mut || {
-        // SAFETY: `a` holds `bytes` bytes; the copy is synchronous.
-        unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut back, a.addr()) }.map_err(|e| anyhow!("{e:?}"))
-    })?;
+    let d2h = best(&mut || gpu.read(&a, 0, &mut back))?;
     let d2d = best(&mut || {
-        // SAFETY: both blocks hold `bytes` bytes and do not overlap.
-        unsafe { cudarc::driver::result::memcpy_dtod_sync(b.addr(), a.addr(), bytes) }.map_err(|e| anyhow!("{e:?}"))?;
+        gpu.copy(&b, &a, bytes)?;
         gpu.sync()
     })?;
     let n = bytes / 4;

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
+use super::device::{Gpu, Stream};
 use super::kernels::{DevSlice, Elem};
 
 /// Shape of one 2-D convolution, NHWC.
@@ -112,9 +113,13 @@ pub enum Pass {
 }
 
 impl Dnn {
-    /// Creates a handle on `stream`. Call only after [`super::probe`] reported cuDNN present: cudarc panics when
-    /// the library cannot be loaded.
-    pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
+    /// Creates a handle on `gpu`'s stream. On a GPU, call only after [`super::probe`] reported cuDNN present:
+    /// cudarc panics when the library cannot be loaded.
+    pub fn new(gpu: &Gpu) -> Result<Self> {
+        let Stream::Cuda(stream) = &gpu.stream else {
+            anyhow::bail!("cuDNN is not available on the emulated device yet")
+        };
+        let stream = stream.clone();
         let handle = result::create_handle().map_err(|e| anyhow!("creating the cuDNN handle: {e:?}"))?;
         // SAFETY: handle is fresh; the stream outlives it (kept in the struct).
         unsafe { result::set_stream(handle, stream.cu_stream() as _) }

@@ -5,16 +5,24 @@
 //! launching, so a wrong size is an error, not an out-of-bounds access on the device. Parameter structs are
 //! `#[repr(C)]` mirrors of the structs in the .cu files (same field order and types).
 //!
+//! Every wrapper launches through one path, [`Launch`]: the entry point, the launch shape and the argument pack
+//! (pointers to `#[repr(C)]` values, exactly cuLaunchKernel's `kernelParams`) go either to the CUDA driver or,
+//! on the emulated device, to the same kernels compiled for the host, with the same argument array. So the code
+//! that runs on a GPU is the code CI runs.
+//!
 //! All launches go to the stream given; nothing here synchronises.
 
-use anyhow::{Context, Result, bail, ensure};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, DeviceRepr, LaunchConfig};
 use std::collections::HashMap;
+use std::ffi::c_void;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 
 use super::alloc::Block;
 use super::build_info;
+use super::device::{EMULATED_SMS, Stream};
+use super::emu::sys as emu_sys;
 
 /// Storage element types the kernels are instantiated for.
 pub trait Elem: DeviceRepr + Copy + 'static {
@@ -177,6 +185,102 @@ unsafe impl DeviceRepr for LossParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for AdamParams {}
 
+/// A value a kernel takes as one parameter, passed by address as cuLaunchKernel's `kernelParams` are.
+///
+/// # Safety
+/// Implementors are plain data with a C layout identical to the kernel-side parameter type (device addresses are
+/// `u64`, a `T*` on a 64-bit device).
+pub unsafe trait KernelArg: Copy {}
+// SAFETY: C's int32_t, int64_t, uint32_t, uint64_t (also device pointers) and float.
+unsafe impl KernelArg for i32 {}
+// SAFETY: as above.
+unsafe impl KernelArg for i64 {}
+// SAFETY: as above.
+unsafe impl KernelArg for u32 {}
+// SAFETY: as above.
+unsafe impl KernelArg for u64 {}
+// SAFETY: as above.
+unsafe impl KernelArg for f32 {}
+// SAFETY: #[repr(C)] mirrors of the .cu structs (layouts pinned by `param_structs_match_the_cu_layouts`).
+unsafe impl KernelArg for BnParams {}
+// SAFETY: as above.
+unsafe impl KernelArg for DwParams {}
+// SAFETY: as above.
+unsafe impl KernelArg for LossParams {}
+// SAFETY: as above.
+unsafe impl KernelArg for AdamParams {}
+
+/// A kernel entry point of one device, looked up once by [`Kernels::entry`].
+pub struct Entry {
+    family: &'static str,
+    name: String,
+    /// The loaded function on a GPU; `None` on the emulated device, which finds kernels by name.
+    function: Option<CudaFunction>,
+}
+
+impl Entry {
+    /// The `extern "C"` name, e.g. `silu_fwd_f32`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// One launch being assembled: the entry point and its argument pack, in parameter order. The pack borrows the
+/// values it points at, so they outlive the launch.
+pub struct Launch<'a> {
+    entry: &'a Entry,
+    args: Vec<*mut c_void>,
+    _values: PhantomData<&'a ()>,
+}
+
+impl<'a> Launch<'a> {
+    /// A launch of `entry` with no arguments yet.
+    pub fn new(entry: &'a Entry) -> Self {
+        Self { entry, args: Vec::with_capacity(12), _values: PhantomData }
+    }
+
+    /// Appends the next parameter.
+    pub fn arg<T: KernelArg>(mut self, value: &'a T) -> Self {
+        self.args.push((value as *const T).cast_mut().cast::<c_void>());
+        self
+    }
+
+    /// Launches on `stream` with shape `cfg`: queued on a GPU, run to completion on the emulated device (where a
+    /// deadlock, divergent barrier, bad shuffle or a shape CUDA would refuse comes back as the error).
+    ///
+    /// # Safety
+    /// The arguments match the kernel's parameters in number, order and type, and every device address among them
+    /// covers what the kernel reads and writes for this shape.
+    pub unsafe fn run(mut self, stream: &Stream, cfg: LaunchConfig) -> Result<()> {
+        let (family, name) = (self.entry.family, &self.entry.name);
+        let shape = || format!("grid {:?} block {:?} shared {} B", cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes);
+        match (&self.entry.function, stream) {
+            (Some(f), Stream::Cuda(s)) => {
+                s.context().bind_to_thread().map_err(|e| anyhow!("binding the CUDA context: {e:?}"))?;
+                // SAFETY: the caller guarantees the pack matches the kernel; every pointer in it borrows a value
+                // that lives for 'a, past this call (the driver copies the parameters at launch).
+                unsafe {
+                    cudarc::driver::result::launch_kernel(
+                        f.cu_function(),
+                        cfg.grid_dim,
+                        cfg.block_dim,
+                        cfg.shared_mem_bytes,
+                        s.cu_stream(),
+                        &mut self.args,
+                    )
+                }
+                .map_err(|e| anyhow!("launching {name} ({family}.cu, {}): {e:?}", shape()))
+            }
+            // SAFETY: as above; on the emulated device the addresses are host memory the blocks own.
+            (None, Stream::Emulated) => {
+                unsafe { emu_sys::launch(name, cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes, &mut self.args) }
+                    .with_context(|| format!("{name} ({family}.cu, {}) on the emulated device", shape()))
+            }
+            _ => bail!("kernel {name} was looked up on one device and launched on another's stream"),
+        }
+    }
+}
+
 /// Activation for [`Kernels::unary`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unary {
@@ -202,10 +306,17 @@ const THREADS: u32 = 256;
 /// Rows of the deterministic reduction workspaces (batch norm, depthwise weight gradient), at most.
 const MAX_ROWS_SPLIT: i64 = 256;
 
-/// The loaded kernel modules of one context.
+/// Where the kernels come from.
+enum Images {
+    /// The embedded fatbins, loaded into one CUDA context.
+    Cuda { modules: HashMap<&'static str, Arc<CudaModule>>, functions: Mutex<HashMap<String, CudaFunction>> },
+    /// kernels/*.cu compiled for the host and linked into this binary.
+    Emulated,
+}
+
+/// The kernels of one device.
 pub struct Kernels {
-    modules: HashMap<&'static str, Arc<CudaModule>>,
-    functions: Mutex<HashMap<String, CudaFunction>>,
+    images: Images,
     sms: u32,
 }
 
@@ -252,24 +363,51 @@ impl Kernels {
         let sms = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| anyhow::anyhow!("querying the SM count failed: {e:?}"))? as u32;
-        Ok(Self { modules, functions: Mutex::new(HashMap::new()), sms: sms.max(1) })
+        Ok(Self { images: Images::Cuda { modules, functions: Mutex::new(HashMap::new()) }, sms: sms.max(1) })
     }
 
-    /// A kernel by family (the .cu file stem) and entry-point name, cached after the first lookup.
-    pub fn function(&self, family: &str, name: &str) -> Result<CudaFunction> {
+    /// The kernels of the emulated device; an error when this binary's emulated kernel library lacks them.
+    pub fn emulated() -> Result<Self> {
+        ensure!(
+            emu_sys::has_kernel("silu_fwd_f32"),
+            "the emulated kernel library linked into this binary has no kernels (rebuild derma)"
+        );
+        Ok(Self { images: Images::Emulated, sms: EMULATED_SMS })
+    }
+
+    /// SMs of the device (sets the grid of grid-stride launches).
+    pub fn sms(&self) -> u32 {
+        self.sms
+    }
+
+    /// Threads a grid-stride launch runs at most: inputs larger than this (times the vector width) make every
+    /// thread loop.
+    pub fn grid_stride_threads(&self) -> usize {
+        (self.sms * 8 * THREADS) as usize
+    }
+
+    /// A kernel by family (the .cu file stem) and entry-point name; on a GPU the function is cached after the
+    /// first lookup.
+    pub fn entry(&self, family: &'static str, name: &str) -> Result<Entry> {
+        let (modules, functions) = match &self.images {
+            Images::Emulated => {
+                ensure!(emu_sys::has_kernel(name), "kernel {name} ({family}.cu) is not in the emulated kernel library");
+                return Ok(Entry { family, name: name.to_string(), function: None });
+            }
+            Images::Cuda { modules, functions } => (modules, functions),
+        };
         let key = format!("{family}/{name}");
-        if let Ok(cache) = self.functions.lock()
+        if let Ok(cache) = functions.lock()
             && let Some(f) = cache.get(&key)
         {
-            return Ok(f.clone());
+            return Ok(Entry { family, name: name.to_string(), function: Some(f.clone()) });
         }
-        let module = self.modules.get(family).with_context(|| format!("no kernel image {family}.cu in this binary"))?;
-        let f =
-            module.load_function(name).map_err(|e| anyhow::anyhow!("kernel {name} not found in {family}.cu: {e:?}"))?;
-        if let Ok(mut cache) = self.functions.lock() {
+        let module = modules.get(family).with_context(|| format!("no kernel image {family}.cu in this binary"))?;
+        let f = module.load_function(name).map_err(|e| anyhow!("kernel {name} not found in {family}.cu: {e:?}"))?;
+        if let Ok(mut cache) = functions.lock() {
             cache.insert(key, f.clone());
         }
-        Ok(f)
+        Ok(Entry { family, name: name.to_string(), function: Some(f) })
     }
 
     /// Grid-stride launch shape for `work` independent items: up to 8 blocks per SM.
@@ -279,81 +417,63 @@ impl Kernels {
     }
 
     /// y = op(x) over `n` elements.
-    pub fn unary<T: Elem>(&self, s: &CudaStream, op: Unary, y: DevSlice, x: DevSlice, n: usize) -> Result<()> {
-        let f = self.function("elementwise", &format!("{}_fwd_{}", op.name(), T::SUFFIX))?;
+    pub fn unary<T: Elem>(&self, s: &Stream, op: Unary, y: DevSlice, x: DevSlice, n: usize) -> Result<()> {
+        let f = self.entry("elementwise", &format!("{}_fwd_{}", op.name(), T::SUFFIX))?;
         let (y, x) = (y.checked::<T>(n, "unary y")?, x.checked::<T>(n, "unary x")?);
         let n = n as i64;
         // SAFETY: y and x hold n elements of T (checked above); the kernel reads x[0..n) and writes y[0..n).
-        unsafe { s.launch_builder(&f).arg(&y).arg(&x).arg(&n).launch(self.flat_cfg(n as usize)) }
-            .map(|_| ())
-            .map_err(|e| anyhow::anyhow!("{}_fwd launch: {e:?}", op.name()))
+        unsafe { Launch::new(&f).arg(&y).arg(&x).arg(&n).run(s, self.flat_cfg(n as usize)) }
     }
 
     /// dx = dy * op'(saved), where `saved` is x for SiLU and ReLU and the forward output y for sigmoid.
     pub fn unary_backward<T: Elem>(
         &self,
-        s: &CudaStream,
+        s: &Stream,
         op: Unary,
         dx: DevSlice,
         saved: DevSlice,
         dy: DevSlice,
         n: usize,
     ) -> Result<()> {
-        let f = self.function("elementwise", &format!("{}_bwd_{}", op.name(), T::SUFFIX))?;
+        let f = self.entry("elementwise", &format!("{}_bwd_{}", op.name(), T::SUFFIX))?;
         let dx = dx.checked::<T>(n, "unary backward dx")?;
         let saved = saved.checked::<T>(n, "unary backward saved")?;
         let dy = dy.checked::<T>(n, "unary backward dy")?;
         let n = n as i64;
         // SAFETY: all three buffers hold n elements of T (checked above).
-        unsafe { s.launch_builder(&f).arg(&dx).arg(&saved).arg(&dy).arg(&n).launch(self.flat_cfg(n as usize)) }
-            .map(|_| ())
-            .map_err(|e| anyhow::anyhow!("{}_bwd launch: {e:?}", op.name()))
+        unsafe { Launch::new(&f).arg(&dx).arg(&saved).arg(&dy).arg(&n).run(s, self.flat_cfg(n as usize)) }
     }
 
     /// y = a + b.
-    pub fn add<T: Elem>(&self, s: &CudaStream, y: DevSlice, a: DevSlice, b: DevSlice, n: usize) -> Result<()> {
-        let f = self.function("elementwise", &format!("add_{}", T::SUFFIX))?;
+    pub fn add<T: Elem>(&self, s: &Stream, y: DevSlice, a: DevSlice, b: DevSlice, n: usize) -> Result<()> {
+        let f = self.entry("elementwise", &format!("add_{}", T::SUFFIX))?;
         let (y, a, b) = (y.checked::<T>(n, "add y")?, a.checked::<T>(n, "add a")?, b.checked::<T>(n, "add b")?);
         let n = n as i64;
         // SAFETY: all three buffers hold n elements of T (checked above).
-        unsafe { s.launch_builder(&f).arg(&y).arg(&a).arg(&b).arg(&n).launch(self.flat_cfg(n as usize)) }
-            .map(|_| ())
-            .map_err(|e| anyhow::anyhow!("add launch: {e:?}"))
+        unsafe { Launch::new(&f).arg(&y).arg(&a).arg(&b).arg(&n).run(s, self.flat_cfg(n as usize)) }
     }
 
     /// y = alpha * x (`axpy = false`) or y += alpha * x (`axpy = true`).
-    pub fn scale<T: Elem>(
-        &self,
-        s: &CudaStream,
-        y: DevSlice,
-        x: DevSlice,
-        alpha: f32,
-        n: usize,
-        axpy: bool,
-    ) -> Result<()> {
+    pub fn scale<T: Elem>(&self, s: &Stream, y: DevSlice, x: DevSlice, alpha: f32, n: usize, axpy: bool) -> Result<()> {
         let name = if axpy { "axpy" } else { "scale" };
-        let f = self.function("elementwise", &format!("{name}_{}", T::SUFFIX))?;
+        let f = self.entry("elementwise", &format!("{name}_{}", T::SUFFIX))?;
         let (y, x) = (y.checked::<T>(n, "scale y")?, x.checked::<T>(n, "scale x")?);
         let n = n as i64;
         // SAFETY: both buffers hold n elements of T (checked above).
-        unsafe { s.launch_builder(&f).arg(&y).arg(&x).arg(&alpha).arg(&n).launch(self.flat_cfg(n as usize)) }
-            .map(|_| ())
-            .map_err(|e| anyhow::anyhow!("{name} launch: {e:?}"))
+        unsafe { Launch::new(&f).arg(&y).arg(&x).arg(&alpha).arg(&n).run(s, self.flat_cfg(n as usize)) }
     }
 
     /// fp32 -> fp16 (`to_half = true`) or fp16 -> fp32 copy of `n` elements.
-    pub fn cast(&self, s: &CudaStream, y: DevSlice, x: DevSlice, n: usize, to_half: bool) -> Result<()> {
+    pub fn cast(&self, s: &Stream, y: DevSlice, x: DevSlice, n: usize, to_half: bool) -> Result<()> {
         let (name, y, x) = if to_half {
             ("cast_f32_to_f16", y.checked::<half::f16>(n, "cast y")?, x.checked::<f32>(n, "cast x")?)
         } else {
             ("cast_f16_to_f32", y.checked::<f32>(n, "cast y")?, x.checked::<half::f16>(n, "cast x")?)
         };
-        let f = self.function("elementwise", name)?;
+        let f = self.entry("elementwise", name)?;
         let n = n as i64;
         // SAFETY: x and y hold n elements of their types (checked above).
-        unsafe { s.launch_builder(&f).arg(&y).arg(&x).arg(&n).launch(self.flat_cfg(n as usize)) }
-            .map(|_| ())
-            .map_err(|e| anyhow::anyhow!("{name} launch: {e:?}"))
+        unsafe { Launch::new(&f).arg(&y).arg(&x).arg(&n).run(s, self.flat_cfg(n as usize)) }
     }
 
     fn bn_reduce_cfg(p: &BnParams) -> LaunchConfig {
@@ -373,7 +493,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub fn bn_stats<T: Elem>(
         &self,
-        s: &CudaStream,
+        s: &Stream,
         p: &BnParams,
         x: DevSlice,
         mean: DevSlice,
@@ -392,13 +512,13 @@ impl Kernels {
         let rm = opt_checked::<f32>(running_mean, c, "bn running_mean")?;
         let rv = opt_checked::<f32>(running_var, c, "bn running_var")?;
         let ws = workspace.checked::<[f32; 2]>(p.rows_split as usize * c, "bn workspace")?;
-        let f1 = self.function("batchnorm", &format!("bn_stats_partial_{}", T::SUFFIX))?;
-        let f2 = self.function("batchnorm", &format!("bn_stats_finalize_{}", T::SUFFIX))?;
+        let f1 = self.entry("batchnorm", &format!("bn_stats_partial_{}", T::SUFFIX))?;
+        let f2 = self.entry("batchnorm", &format!("bn_stats_finalize_{}", T::SUFFIX))?;
         // SAFETY: x holds M*C elements, the workspace rows_split*C float2, mean/invstd/running C floats (checked
         // above); a null running pointer is skipped by the kernel.
         unsafe {
-            s.launch_builder(&f1).arg(&x).arg(&ws).arg(&p).launch(Self::bn_reduce_cfg(&p))?;
-            s.launch_builder(&f2)
+            Launch::new(&f1).arg(&x).arg(&ws).arg(&p).run(s, Self::bn_reduce_cfg(&p))?;
+            Launch::new(&f2)
                 .arg(&x)
                 .arg(&ws)
                 .arg(&mean)
@@ -406,7 +526,7 @@ impl Kernels {
                 .arg(&rm)
                 .arg(&rv)
                 .arg(&p)
-                .launch(Self::per_channel_cfg(p.c))?;
+                .run(s, Self::per_channel_cfg(p.c))?;
         }
         Ok(())
     }
@@ -414,7 +534,7 @@ impl Kernels {
     /// Eval-mode statistics: mean = running_mean, invstd = 1 / sqrt(running_var + eps).
     pub fn bn_eval_stats(
         &self,
-        s: &CudaStream,
+        s: &Stream,
         p: &BnParams,
         running_mean: DevSlice,
         running_var: DevSlice,
@@ -426,10 +546,10 @@ impl Kernels {
         let rv = running_var.checked::<f32>(c, "bn running_var")?;
         let mean = mean.checked::<f32>(c, "bn mean")?;
         let invstd = invstd.checked::<f32>(c, "bn invstd")?;
-        let f = self.function("batchnorm", "bn_eval_stats")?;
+        let f = self.entry("batchnorm", "bn_eval_stats")?;
         // SAFETY: four buffers of C floats (checked above).
         unsafe {
-            s.launch_builder(&f).arg(&rm).arg(&rv).arg(&mean).arg(&invstd).arg(p).launch(Self::per_channel_cfg(p.c))?;
+            Launch::new(&f).arg(&rm).arg(&rv).arg(&mean).arg(&invstd).arg(p).run(s, Self::per_channel_cfg(p.c))?;
         }
         Ok(())
     }
@@ -438,7 +558,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub fn bn_forward<T: Elem>(
         &self,
-        s: &CudaStream,
+        s: &Stream,
         p: &BnParams,
         y: DevSlice,
         x: DevSlice,
@@ -454,10 +574,10 @@ impl Kernels {
         let invstd = invstd.checked::<f32>(c, "bn invstd")?;
         let gamma = gamma.checked::<f32>(c, "bn gamma")?;
         let beta = beta.checked::<f32>(c, "bn beta")?;
-        let f = self.function("batchnorm", &format!("bn_forward_{}", T::SUFFIX))?;
+        let f = self.entry("batchnorm", &format!("bn_forward_{}", T::SUFFIX))?;
         // SAFETY: x, y hold M*C elements; the per-channel buffers C floats (checked above).
         unsafe {
-            s.launch_builder(&f)
+            Launch::new(&f)
                 .arg(&y)
                 .arg(&x)
                 .arg(&mean)
@@ -465,7 +585,7 @@ impl Kernels {
                 .arg(&gamma)
                 .arg(&beta)
                 .arg(p)
-                .launch(self.flat_cfg(m * c / 4))?;
+                .run(s, self.flat_cfg(m * c / 4))?;
         }
         Ok(())
     }
@@ -475,7 +595,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub fn bn_backward<T: Elem>(
         &self,
-        s: &CudaStream,
+        s: &Stream,
         p: &BnParams,
         dx: DevSlice,
         x: DevSlice,
@@ -503,12 +623,12 @@ impl Kernels {
         let dbeta = opt_checked::<f32>(dbeta, c, "bn dbeta")?;
         let ws = workspace.checked::<[f32; 2]>(p.rows_split as usize * c, "bn workspace")?;
         let sums = sums.checked::<f32>(2 * c, "bn sums")?;
-        let f1 = self.function("batchnorm", &format!("bn_backward_partial_{}", T::SUFFIX))?;
-        let f2 = self.function("batchnorm", "bn_backward_finalize")?;
-        let f3 = self.function("batchnorm", &format!("bn_backward_dx_{}", T::SUFFIX))?;
+        let f1 = self.entry("batchnorm", &format!("bn_backward_partial_{}", T::SUFFIX))?;
+        let f2 = self.entry("batchnorm", "bn_backward_finalize")?;
+        let f3 = self.entry("batchnorm", &format!("bn_backward_dx_{}", T::SUFFIX))?;
         // SAFETY: every buffer was checked against M, C and rows_split above; null dgamma/dbeta are skipped.
         unsafe {
-            s.launch_builder(&f1)
+            Launch::new(&f1)
                 .arg(&x)
                 .arg(&dy)
                 .arg(&mean)
@@ -517,15 +637,9 @@ impl Kernels {
                 .arg(&beta)
                 .arg(&ws)
                 .arg(&p)
-                .launch(Self::bn_reduce_cfg(&p))?;
-            s.launch_builder(&f2)
-                .arg(&ws)
-                .arg(&dgamma)
-                .arg(&dbeta)
-                .arg(&sums)
-                .arg(&p)
-                .launch(Self::per_channel_cfg(p.c))?;
-            s.launch_builder(&f3)
+                .run(s, Self::bn_reduce_cfg(&p))?;
+            Launch::new(&f2).arg(&ws).arg(&dgamma).arg(&dbeta).arg(&sums).arg(&p).run(s, Self::per_channel_cfg(p.c))?;
+            Launch::new(&f3)
                 .arg(&dx)
                 .arg(&x)
                 .arg(&dy)
@@ -535,7 +649,7 @@ impl Kernels {
                 .arg(&beta)
                 .arg(&sums)
                 .arg(&p)
-                .launch(self.flat_cfg(m * c))?;
+                .run(s, self.flat_cfg(m * c))?;
         }
         Ok(())
     }
@@ -551,30 +665,23 @@ impl Kernels {
     }
 
     /// Depthwise conv forward: y [N,Ho,Wo,C] from x [N,H,W,C] and w [k,k,C].
-    pub fn dw_forward<T: Elem>(
-        &self,
-        s: &CudaStream,
-        p: &DwParams,
-        y: DevSlice,
-        x: DevSlice,
-        w: DevSlice,
-    ) -> Result<()> {
+    pub fn dw_forward<T: Elem>(&self, s: &Stream, p: &DwParams, y: DevSlice, x: DevSlice, w: DevSlice) -> Result<()> {
         Self::dw_check(p)?;
         let (n, c) = (p.n as usize, p.c as usize);
         let out_elems = n * p.ho as usize * p.wo as usize * c;
         let y = y.checked::<T>(out_elems, "depthwise y")?;
         let x = x.checked::<T>(n * p.h as usize * p.w as usize * c, "depthwise x")?;
         let w = w.checked::<T>((p.k * p.k) as usize * c, "depthwise w")?;
-        let f = self.function("depthwise", &format!("dw_forward_{}", T::SUFFIX))?;
+        let f = self.entry("depthwise", &format!("dw_forward_{}", T::SUFFIX))?;
         // SAFETY: shapes checked above; the kernel indexes only inside them.
-        unsafe { s.launch_builder(&f).arg(&y).arg(&x).arg(&w).arg(p).launch(self.flat_cfg(out_elems))? };
+        unsafe { Launch::new(&f).arg(&y).arg(&x).arg(&w).arg(p).run(s, self.flat_cfg(out_elems))? };
         Ok(())
     }
 
     /// Depthwise conv backward data: dx [N,H,W,C] from dy [N,Ho,Wo,C] and w [k,k,C].
     pub fn dw_backward_data<T: Elem>(
         &self,
-        s: &CudaStream,
+        s: &Stream,
         p: &DwParams,
         dx: DevSlice,
         dy: DevSlice,
@@ -586,9 +693,9 @@ impl Kernels {
         let dx = dx.checked::<T>(in_elems, "depthwise dx")?;
         let dy = dy.checked::<T>(n * p.ho as usize * p.wo as usize * c, "depthwise dy")?;
         let w = w.checked::<T>((p.k * p.k) as usize * c, "depthwise w")?;
-        let f = self.function("depthwise", &format!("dw_backward_data_{}", T::SUFFIX))?;
+        let f = self.entry("depthwise", &format!("dw_backward_data_{}", T::SUFFIX))?;
         // SAFETY: shapes checked above.
-        unsafe { s.launch_builder(&f).arg(&dx).arg(&dy).arg(&w).arg(p).launch(self.flat_cfg(in_elems))? };
+        unsafe { Launch::new(&f).arg(&dx).arg(&dy).arg(&w).arg(p).run(s, self.flat_cfg(in_elems))? };
         Ok(())
     }
 
@@ -597,7 +704,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub fn dw_backward_weight<T: Elem>(
         &self,
-        s: &CudaStream,
+        s: &Stream,
         p: &DwParams,
         dw: DevSlice,
         x: DevSlice,
@@ -613,8 +720,8 @@ impl Kernels {
         let x = x.checked::<T>(n * p.h as usize * p.w as usize * c, "depthwise x")?;
         let dy = dy.checked::<T>(n * p.ho as usize * p.wo as usize * c, "depthwise dy")?;
         let ws = workspace.checked::<f32>(p.rows_split as usize * kk * c, "depthwise workspace")?;
-        let f1 = self.function("depthwise", &format!("dw_backward_weight_partial_{}", T::SUFFIX))?;
-        let f2 = self.function("depthwise", "sum_rows_f32")?;
+        let f1 = self.entry("depthwise", &format!("dw_backward_weight_partial_{}", T::SUFFIX))?;
+        let f2 = self.entry("depthwise", "sum_rows_f32")?;
         let cfg = LaunchConfig {
             grid_dim: ((c as u32).div_ceil(32), kk as u32, p.rows_split as u32),
             block_dim: (32, 8, 1),
@@ -623,14 +730,14 @@ impl Kernels {
         let (rows, cols, acc) = (p.rows_split, (kk * c) as i64, accumulate as i32);
         // SAFETY: shapes and the workspace size checked above.
         unsafe {
-            s.launch_builder(&f1).arg(&ws).arg(&x).arg(&dy).arg(&p).launch(cfg)?;
-            s.launch_builder(&f2)
+            Launch::new(&f1).arg(&ws).arg(&x).arg(&dy).arg(&p).run(s, cfg)?;
+            Launch::new(&f2)
                 .arg(&dw)
                 .arg(&ws)
                 .arg(&rows)
                 .arg(&cols)
                 .arg(&acc)
-                .launch(Self::per_channel_cfg((kk * c) as i32))?;
+                .run(s, Self::per_channel_cfg((kk * c) as i32))?;
         }
         Ok(())
     }
@@ -640,12 +747,12 @@ impl Kernels {
     }
 
     /// Global average pool [N, HW, C] -> [N, C].
-    pub fn se_pool<T: Elem>(&self, s: &CudaStream, out: DevSlice, x: DevSlice, n: i32, hw: i32, c: i32) -> Result<()> {
+    pub fn se_pool<T: Elem>(&self, s: &Stream, out: DevSlice, x: DevSlice, n: i32, hw: i32, c: i32) -> Result<()> {
         let out = out.checked::<T>((n * c) as usize, "se pool out")?;
         let x = x.checked::<T>(n as usize * hw as usize * c as usize, "se pool x")?;
-        let f = self.function("se", &format!("se_pool_{}", T::SUFFIX))?;
+        let f = self.entry("se", &format!("se_pool_{}", T::SUFFIX))?;
         // SAFETY: shapes checked above.
-        unsafe { s.launch_builder(&f).arg(&out).arg(&x).arg(&hw).arg(&c).launch(Self::se_reduce_cfg(n, c))? };
+        unsafe { Launch::new(&f).arg(&out).arg(&x).arg(&hw).arg(&c).run(s, Self::se_reduce_cfg(n, c))? };
         Ok(())
     }
 
@@ -653,7 +760,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub fn se_pool_backward<T: Elem>(
         &self,
-        s: &CudaStream,
+        s: &Stream,
         dx: DevSlice,
         dout: DevSlice,
         n: i32,
@@ -663,9 +770,9 @@ impl Kernels {
         let total = n as usize * hw as usize * c as usize;
         let dx = dx.checked::<T>(total, "se pool dx")?;
         let dout = dout.checked::<T>((n * c) as usize, "se pool dout")?;
-        let f = self.function("se", &format!("se_pool_backward_{}", T::SUFFIX))?;
+        let f = self.entry("se", &format!("se_pool_backward_{}", T::SUFFIX))?;
         // SAFETY: shapes checked above.
-        unsafe { s.launch_builder(&f).arg(&dx).arg(&dout).arg(&n).arg(&hw).arg(&c).launch(self.flat_cfg(total))? };
+        unsafe { Launch::new(&f).arg(&dx).arg(&dout).arg(&n).arg(&hw).arg(&c).run(s, self.flat_cfg(total))? };
         Ok(())
     }
 
@@ -673,7 +780,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub fn se_scale<T: Elem>(
         &self,
-        s: &CudaStream,
+        s: &Stream,
         y: DevSlice,
         x: DevSlice,
         scale: DevSlice,
@@ -685,11 +792,9 @@ impl Kernels {
         let y = y.checked::<T>(total, "se scale y")?;
         let x = x.checked::<T>(total, "se scale x")?;
         let sc = scale.checked::<T>((n * c) as usize, "se scale s")?;
-        let f = self.function("se", &format!("se_scale_{}", T::SUFFIX))?;
+        let f = self.entry("se", &format!("se_scale_{}", T::SUFFIX))?;
         // SAFETY: shapes checked above.
-        unsafe {
-            s.launch_builder(&f).arg(&y).arg(&x).arg(&sc).arg(&n).arg(&hw).arg(&c).launch(self.flat_cfg(total / 4))?
-        };
+        unsafe { Launch::new(&f).arg(&y).arg(&x).arg(&sc).arg(&n).arg(&hw).arg(&c).run(s, self.flat_cfg(total / 4))? };
         Ok(())
     }
 
@@ -697,7 +802,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub fn se_scale_backward<T: Elem>(
         &self,
-        s: &CudaStream,
+        s: &Stream,
         dx: Option<DevSlice>,
         dscale: DevSlice,
         x: DevSlice,
@@ -711,10 +816,10 @@ impl Kernels {
         let x = x.checked::<T>(total, "se scale x")?;
         let sc = scale.checked::<T>((n * c) as usize, "se scale s")?;
         let dy = dy.checked::<T>(total, "se scale dy")?;
-        let f = self.function("se", &format!("se_scale_backward_{}", T::SUFFIX))?;
+        let f = self.entry("se", &format!("se_scale_backward_{}", T::SUFFIX))?;
         // SAFETY: shapes checked above; a null dx is skipped by the kernel.
         unsafe {
-            s.launch_builder(&f)
+            Launch::new(&f)
                 .arg(&dx)
                 .arg(&ds)
                 .arg(&x)
@@ -722,27 +827,19 @@ impl Kernels {
                 .arg(&dy)
                 .arg(&hw)
                 .arg(&c)
-                .launch(Self::se_reduce_cfg(n, c))?
+                .run(s, Self::se_reduce_cfg(n, c))?
         };
         Ok(())
     }
 
     /// Dropout with the counter-based mask of `seed` (backward: the same call on dy with the same seed).
-    pub fn dropout<T: Elem>(
-        &self,
-        s: &CudaStream,
-        y: DevSlice,
-        x: DevSlice,
-        p: f32,
-        seed: u64,
-        n: usize,
-    ) -> Result<()> {
+    pub fn dropout<T: Elem>(&self, s: &Stream, y: DevSlice, x: DevSlice, p: f32, seed: u64, n: usize) -> Result<()> {
         ensure!((0.0..1.0).contains(&p), "dropout probability {p} must be in [0, 1)");
         let (y, x) = (y.checked::<T>(n, "dropout y")?, x.checked::<T>(n, "dropout x")?);
-        let f = self.function("dropout", &format!("dropout_{}", T::SUFFIX))?;
+        let f = self.entry("dropout", &format!("dropout_{}", T::SUFFIX))?;
         let n = n as i64;
         // SAFETY: both buffers hold n elements (checked above).
-        unsafe { s.launch_builder(&f).arg(&y).arg(&x).arg(&p).arg(&seed).arg(&n).launch(self.flat_cfg(n as usize))? };
+        unsafe { Launch::new(&f).arg(&y).arg(&x).arg(&p).arg(&seed).arg(&n).run(s, self.flat_cfg(n as usize))? };
         Ok(())
     }
 
@@ -751,7 +848,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub fn stochastic_depth<T: Elem>(
         &self,
-        s: &CudaStream,
+        s: &Stream,
         y: DevSlice,
         x: DevSlice,
         residual: Option<DevSlice>,
@@ -767,11 +864,11 @@ impl Kernels {
         let y = y.checked::<T>(n, "stochastic depth y")?;
         let x = x.checked::<T>(n, "stochastic depth x")?;
         let r = opt_checked::<T>(residual, n, "stochastic depth residual")?;
-        let f = self.function("dropout", &format!("stochastic_depth_{}", T::SUFFIX))?;
+        let f = self.entry("dropout", &format!("stochastic_depth_{}", T::SUFFIX))?;
         let (n, per) = (n as i64, per_sample as i64);
         // SAFETY: buffers hold n elements (checked above); a null residual is skipped.
         unsafe {
-            s.launch_builder(&f)
+            Launch::new(&f)
                 .arg(&y)
                 .arg(&x)
                 .arg(&r)
@@ -779,7 +876,7 @@ impl Kernels {
                 .arg(&seed)
                 .arg(&n)
                 .arg(&per)
-                .launch(self.flat_cfg(n as usize))?
+                .run(s, self.flat_cfg(n as usize))?
         };
         Ok(())
     }
@@ -790,7 +887,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub fn softmax_loss<T: Elem>(
         &self,
-        s: &CudaStream,
+        s: &Stream,
         p: &LossParams,
         loss: DevSlice,
         dlogits: DevSlice,
@@ -808,11 +905,11 @@ impl Kernels {
         let logits = logits.checked::<T>(b * k, "logits")?;
         let targets = targets.checked::<i32>(b, "targets")?;
         let alpha = opt_checked::<f32>(alpha, k, "class weights")?;
-        let f = self.function("loss", &format!("softmax_loss_{}", T::SUFFIX))?;
+        let f = self.entry("loss", &format!("softmax_loss_{}", T::SUFFIX))?;
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: shapes checked above; null probs / alpha are handled by the kernel.
         unsafe {
-            s.launch_builder(&f)
+            Launch::new(&f)
                 .arg(&loss)
                 .arg(&dl)
                 .arg(&probs)
@@ -821,7 +918,7 @@ impl Kernels {
                 .arg(&targets)
                 .arg(&alpha)
                 .arg(p)
-                .launch(cfg)?
+                .run(s, cfg)?
         };
         Ok(())
     }
@@ -830,7 +927,7 @@ impl Kernels {
     /// `out` may be the same buffer as `grads` for f32.
     pub fn unscale<T: Elem>(
         &self,
-        s: &CudaStream,
+        s: &Stream,
         out: DevSlice,
         grads: DevSlice,
         inv_scale: f32,
@@ -840,11 +937,11 @@ impl Kernels {
         let out = out.checked::<f32>(n, "unscale out")?;
         let g = grads.checked::<T>(n, "unscale grads")?;
         let fi = found_inf.checked::<i32>(1, "found_inf")?;
-        let f = self.function("optim", &format!("unscale_{}", T::SUFFIX))?;
+        let f = self.entry("optim", &format!("unscale_{}", T::SUFFIX))?;
         let n = n as i64;
         // SAFETY: shapes checked above.
         unsafe {
-            s.launch_builder(&f).arg(&out).arg(&g).arg(&inv_scale).arg(&fi).arg(&n).launch(self.flat_cfg(n as usize))?
+            Launch::new(&f).arg(&out).arg(&g).arg(&inv_scale).arg(&fi).arg(&n).run(s, self.flat_cfg(n as usize))?
         };
         Ok(())
     }
@@ -854,7 +951,7 @@ impl Kernels {
     #[allow(clippy::too_many_arguments)]
     pub fn adamw(
         &self,
-        s: &CudaStream,
+        s: &Stream,
         a: &AdamParams,
         p: DevSlice,
         g: DevSlice,
@@ -868,18 +965,10 @@ impl Kernels {
         let (m, v) = (m.checked::<f32>(n, "adamw m")?, v.checked::<f32>(n, "adamw v")?);
         let p16 = opt_checked::<half::f16>(p16, n, "adamw fp16 copy")?;
         let fi = opt_checked::<i32>(found_inf, 1, "found_inf")?;
-        let f = self.function("optim", "adamw_f32")?;
+        let f = self.entry("optim", "adamw_f32")?;
         // SAFETY: all buffers hold n elements (checked above); null p16 / found_inf are skipped.
         unsafe {
-            s.launch_builder(&f)
-                .arg(&p)
-                .arg(&g)
-                .arg(&m)
-                .arg(&v)
-                .arg(&p16)
-                .arg(&fi)
-                .arg(a)
-                .launch(self.flat_cfg(n / 4))?
+            Launch::new(&f).arg(&p).arg(&g).arg(&m).arg(&v).arg(&p16).arg(&fi).arg(a).run(s, self.flat_cfg(n / 4))?
         };
         Ok(())
     }

@@ -1,6 +1,7 @@
-//! The CUDA side: device requests (`--device auto|cpu|cuda|cuda:N`), a driver probe that never panics on a
+//! The CUDA side: device requests (`--device auto|cpu|cuda|cuda:N|emu`), a driver probe that never panics on a
 //! machine without CUDA, the kernel images embedded at build time, a caching device allocator, and thin cuBLASLt /
-//! cuDNN wrappers.
+//! cuDNN wrappers. The emulated device (`emu`) runs the same kernels, compiled for the host, on the CPU behind the
+//! same launch path: a test device, so every kernel runs on every machine.
 //!
 //! Everything CUDA is loaded at run time (cudarc's `dynamic-loading`): the binary builds and runs on machines
 //! without a GPU, a driver or a toolkit. [`probe`] checks that each shared library can be opened before any other
@@ -15,7 +16,7 @@ pub mod dnn;
 pub mod emu;
 pub mod kernels;
 
-pub use device::Gpu;
+pub use device::{Gpu, Schedule};
 
 use anyhow::{Result, bail};
 use std::fmt;
@@ -39,6 +40,9 @@ pub enum DeviceRequest {
     Cpu,
     /// A CUDA device by ordinal (`cuda` means `cuda:0`); an error when it is not usable.
     Cuda(usize),
+    /// The emulated CUDA device, a test device: runs the CUDA code path's kernels on the CPU through the emulator.
+    /// `auto` never picks it.
+    Emu,
 }
 
 impl FromStr for DeviceRequest {
@@ -50,12 +54,13 @@ impl FromStr for DeviceRequest {
             "auto" => Ok(Self::Auto),
             "cpu" => Ok(Self::Cpu),
             "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            "emu" => Ok(Self::Emu),
             _ => match t.strip_prefix("cuda:") {
                 Some(n) => n
                     .parse::<usize>()
                     .map(Self::Cuda)
                     .map_err(|_| format!("invalid device {s:?}: after \"cuda:\" comes a device number, e.g. cuda:0")),
-                None => Err(format!("invalid device {s:?}: expected auto, cpu, cuda or cuda:N")),
+                None => Err(format!("invalid device {s:?}: expected auto, cpu, cuda, cuda:N or emu")),
             },
         }
     }
@@ -67,6 +72,7 @@ impl fmt::Display for DeviceRequest {
             Self::Auto => write!(f, "auto"),
             Self::Cpu => write!(f, "cpu"),
             Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::Emu => write!(f, "emu"),
         }
     }
 }
@@ -83,6 +89,10 @@ impl From<DeviceRequest> for String {
         d.to_string()
     }
 }
+
+/// The help line of a `--device` flag on a command that computes.
+pub const DEVICE_HELP: &str = "auto, cpu, cuda, cuda:N, or emu (a test device: runs the CUDA code path's kernels on \
+                               the CPU through the emulator)";
 
 /// A clap value parser for `--device`: `#[arg(long, default_value = "auto", value_parser = parse_device)]`.
 pub fn parse_device(s: &str) -> std::result::Result<DeviceRequest, String> {
@@ -337,23 +347,29 @@ pub enum Selected {
     Cpu,
     /// A usable CUDA device.
     Cuda(GpuInfo),
+    /// The emulated CUDA device.
+    Emulated,
 }
 
 impl Selected {
-    /// The tensor device tag for this backend.
+    /// The tensor device tag for this backend (the emulated device stands in for CUDA device 0: its tensors live
+    /// in device memory behind the CUDA code path).
     pub fn device(&self) -> Device {
         match self {
             Self::Cpu => Device::Cpu,
             Self::Cuda(g) => Device::Cuda(g.ordinal),
+            Self::Emulated => Device::Cuda(0),
         }
     }
 }
 
 /// Resolves a `--device` request against [`probe`]: `auto` falls back to the CPU with a one-line notice on
-/// stderr; `cuda`/`cuda:N` fails with a message naming everything that is missing.
+/// stderr (and never picks the emulated device); `cuda`/`cuda:N` fails with a message naming everything that is
+/// missing; `emu` is the emulated device.
 pub fn select(request: DeviceRequest) -> Result<Selected> {
     match request {
         DeviceRequest::Cpu => Ok(Selected::Cpu),
+        DeviceRequest::Emu => Ok(Selected::Emulated),
         DeviceRequest::Auto => {
             let p = probe();
             match select_from(&p, 0) {
@@ -404,11 +420,15 @@ pub fn uniform01(seed: u64, counter: u64) -> f32 {
 }
 
 /// Resolves `--device` for work that runs on the CPU reference backend only (the model and the trainer do not use
-/// the CUDA path yet): `auto` with a usable GPU runs on the CPU with a notice, an explicit `cuda` is an error that
-/// says so, and a `cuda` request on a machine without one fails with what is missing.
+/// the CUDA path yet): `auto` with a usable GPU runs on the CPU with a notice, an explicit `cuda` or `emu` is an
+/// error that says so, and a `cuda` request on a machine without one fails with what is missing.
 pub fn require_cpu_path(request: DeviceRequest, what: &str) -> Result<()> {
     match (select(request)?, request) {
         (Selected::Cpu, _) => Ok(()),
+        (Selected::Emulated, _) => bail!(
+            "{what} on the emulated device is not available yet: it runs the CUDA code path, which the model does \
+             not use yet (derma check --device emu runs the kernels there); use --device cpu"
+        ),
         (Selected::Cuda(g), DeviceRequest::Auto) => {
             eprintln!("note: {what} runs on the CPU: derma's CUDA model path is not wired yet ({} left idle)", g.name);
             Ok(())
@@ -457,8 +477,9 @@ mod tests {
         let e = "cuda:x".parse::<DeviceRequest>().unwrap_err();
         assert!(e.contains("device number"), "{e}");
         let e = "tpu".parse::<DeviceRequest>().unwrap_err();
-        assert!(e.contains("auto, cpu, cuda or cuda:N"), "{e}");
-        for r in [DeviceRequest::Auto, DeviceRequest::Cpu, DeviceRequest::Cuda(2)] {
+        assert!(e.contains("auto, cpu, cuda, cuda:N or emu"), "{e}");
+        assert_eq!(" Emu ".parse::<DeviceRequest>(), Ok(DeviceRequest::Emu));
+        for r in [DeviceRequest::Auto, DeviceRequest::Cpu, DeviceRequest::Cuda(2), DeviceRequest::Emu] {
             assert_eq!(r.to_string().parse::<DeviceRequest>(), Ok(r));
         }
     }
