@@ -18,7 +18,7 @@
 //! math: cuDNN runs with CUDNN_TENSOR_OP_MATH and cudarc's f32 matmul uses CUBLAS_COMPUTE_32F_FAST_TF32, so both
 //! may round inputs to TF32); f16 storage 1e-2 (floor 1e-3 elementwise, 1e-2 for sums).
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use cudarc::driver::DeviceRepr;
 use half::f16;
 use serde::Serialize;
@@ -483,25 +483,62 @@ impl<'g> Ctx<'g> {
     }
 }
 
-/// Runs one family's checks on `gpu` with inputs from `seed`. An `Err` means a launch or copy failed (itself a
-/// finding); numerical mismatches are rows with `pass: false`.
+/// One part of a family's checks (a storage type, or a kind of op) that runs on its own.
+type Part = fn(&mut Ctx) -> Result<()>;
+
+/// The parts of a family, each with its name and storage type.
+fn parts(family: Family) -> Vec<(&'static str, Dtype, Part)> {
+    match family {
+        Family::Elementwise => vec![
+            ("elementwise f32", Dtype::F32, elementwise::<f32>),
+            ("elementwise f16", Dtype::F16, elementwise::<f16>),
+            ("casts", Dtype::F16, casts),
+        ],
+        Family::Batchnorm => {
+            vec![("batchnorm f32", Dtype::F32, batchnorm::<f32>), ("batchnorm f16", Dtype::F16, batchnorm::<f16>)]
+        }
+        Family::Depthwise => {
+            vec![("depthwise f32", Dtype::F32, depthwise::<f32>), ("depthwise f16", Dtype::F16, depthwise::<f16>)]
+        }
+        Family::Se => vec![("se f32", Dtype::F32, se::<f32>), ("se f16", Dtype::F16, se::<f16>)],
+        Family::Dropout => {
+            vec![("dropout f32", Dtype::F32, dropout::<f32>), ("dropout f16", Dtype::F16, dropout::<f16>)]
+        }
+        Family::Loss => vec![("loss f32", Dtype::F32, loss::<f32>), ("loss f16", Dtype::F16, loss::<f16>)],
+        Family::Optim => vec![("optim", Dtype::F32, optim)],
+        Family::Gemm => vec![("gemm", Dtype::F32, gemm)],
+        Family::Conv => vec![("conv f32", Dtype::F32, conv::<f32>), ("conv f16", Dtype::F16, conv::<f16>)],
+    }
+}
+
+/// A failed row for a part that stopped with an error (a launch, copy or library call failed: itself a finding).
+fn error_row(family: Family, part: &str, dtype: Dtype, e: &anyhow::Error) -> CheckResult {
+    CheckResult {
+        family,
+        op: format!("ERROR in {part}: {e:#}"),
+        dtype,
+        shape: "-".into(),
+        max_abs_err: f64::INFINITY,
+        rel_err: f64::INFINITY,
+        tol: 0.0,
+        elem_err: f64::INFINITY,
+        outside_writes: 0,
+        pass: false,
+    }
+}
+
+/// Runs one family's checks on `gpu` with inputs from `seed`. Numerical mismatches are rows with `pass: false`;
+/// a part that errors (a launch, copy or library call failed) keeps the rows it produced, adds one failed row
+/// naming the error, and the family goes on with its next part. The `Result` is kept for callers; it is `Ok`.
 pub fn check_family(gpu: &Gpu, family: Family, seed: u64) -> Result<Vec<CheckResult>> {
     let mut c =
         Ctx { g: gpu, rng: SplitMix(seed ^ (family as u64).wrapping_mul(0x2545f4914f6cdd1d)), family, out: vec![] };
-    let r = match family {
-        Family::Elementwise => {
-            elementwise::<f32>(&mut c).and_then(|_| elementwise::<f16>(&mut c)).and_then(|_| casts(&mut c))
+    for (name, dtype, part) in parts(family) {
+        if let Err(e) = part(&mut c) {
+            let row = error_row(family, name, dtype, &e.context(format!("checking the {} kernels", family.name())));
+            c.out.push(row);
         }
-        Family::Batchnorm => batchnorm::<f32>(&mut c).and_then(|_| batchnorm::<f16>(&mut c)),
-        Family::Depthwise => depthwise::<f32>(&mut c).and_then(|_| depthwise::<f16>(&mut c)),
-        Family::Se => se::<f32>(&mut c).and_then(|_| se::<f16>(&mut c)),
-        Family::Dropout => dropout::<f32>(&mut c).and_then(|_| dropout::<f16>(&mut c)),
-        Family::Loss => loss::<f32>(&mut c).and_then(|_| loss::<f16>(&mut c)),
-        Family::Optim => optim(&mut c),
-        Family::Gemm => gemm(&mut c),
-        Family::Conv => conv::<f32>(&mut c).and_then(|_| conv::<f16>(&mut c)),
-    };
-    r.with_context(|| format!("checking the {} kernels", family.name()))?;
+    }
     Ok(c.out)
 }
 
@@ -971,7 +1008,7 @@ fn loss<T: Store>(c: &mut Ctx) -> Result<()> {
             );
             let p = LossParams { b: b as i32, k: k as i32, focal, gamma, grad_scale, pad_: 0 };
             let (lo, dl, probs, bad) =
-                (c.poison::<f32>(1)?, c.poison::<T>(b * k)?, c.poison::<f32>(b * k)?, c.fenced(&[0i32])?);
+                (c.poison::<f32>(1)?, c.poison::<T>(b * k)?, c.poison::<f32>(b * k)?, c.poison::<f32>(1)?);
             g.kernels.softmax_loss::<T>(
                 &g.stream,
                 &p,
@@ -995,17 +1032,20 @@ fn loss<T: Store>(c: &mut Ctx) -> Result<()> {
             let got = c.fetch::<i32>(&bad)?;
             c.record_exact("softmax_loss bad_target (none)", dt, &shape, &got, &[0.0]);
         }
-        // A target outside [0, K) is reported by its 1-based row.
+        // Targets outside [0, K) in two rows: the first of them is reported, by its 1-based row, whichever
+        // thread reaches its bad row last (with one block of 256 threads, rows below 256 have one thread each).
+        let (first, second) = (b / 3, b - 1);
         let mut t2 = t32.clone();
-        let row = b / 2;
-        t2[row] = k as i32;
+        t2[first] = k as i32;
+        t2[second] = -1;
         let bt2 = g.upload(&t2)?;
         let p = LossParams { b: b as i32, k: k as i32, focal: 0, gamma: 0.0, grad_scale: 1.0, pad_: 0 };
-        let (lo, dl, bad) = (c.poison::<f32>(1)?, c.poison::<T>(b * k)?, c.fenced(&[0i32])?);
+        // The buffer starts as NaN bits: the kernel must write it whatever it held.
+        let (lo, dl, bad) = (c.poison::<f32>(1)?, c.poison::<T>(b * k)?, c.poison::<f32>(1)?);
         g.kernels.softmax_loss::<T>(&g.stream, &p, lo.v()?, dl.v()?, None, bad.v()?, s(&bl), s(&bt2), None)?;
         let got = c.fetch::<i32>(&bad)?;
-        let shape = format!("B={b} K={k} target[{row}]={k}");
-        c.record_exact("softmax_loss bad_target (1-based row)", dt, &shape, &got, &[(row + 1) as f64]);
+        let shape = format!("B={b} K={k} target[{first}]={k} target[{second}]=-1");
+        c.record_exact("softmax_loss bad_target (first bad row, 1-based)", dt, &shape, &got, &[(first + 1) as f64]);
     }
     Ok(())
 }
@@ -1070,14 +1110,7 @@ fn optim(c: &mut Ctx) -> Result<()> {
             let (gr, bgr) = c.rand::<f32>(n, 1.0, 0.0)?;
             let grad: Vec<f32> = gr.iter().map(|&v| v as f32).collect();
             cpu.step_one("p", &mut param, &grad, lr)?;
-            let a = AdamParams::for_step(
-                n,
-                t,
-                lr as f32,
-                (cfg.beta1 as f32, cfg.beta2 as f32),
-                cfg.eps as f32,
-                cfg.weight_decay as f32,
-            );
+            let a = AdamParams::for_step(n, t, lr, &cfg);
             g.kernels.adamw(&g.stream, &a, bp.v()?, s(&bgr), bm.v()?, bv.v()?, Some(p16.v()?), Some(zero.v()?))?;
         }
         let Some(state) = cpu.state("p") else { bail!("the CPU AdamW kept no state for its parameter") };
@@ -1091,13 +1124,18 @@ fn optim(c: &mut Ctx) -> Result<()> {
         c.record("adamw exp_avg_sq", Dtype::F32, &shape, &got, &f(&state.exp_avg_sq), Accuracy::Elementwise);
         let got = c.fetch::<f16>(&p16)?;
         c.record("adamw fp16 weight copy", Dtype::F16, &shape, &got, &want_p, Accuracy::Elementwise);
-        // found_inf set: the device skips the whole step.
+        // found_inf set: the device skips the whole step. Compare with a snapshot of the state taken just before,
+        // exactly (the CPU reference differs from the device by rounding, so it cannot show "untouched").
+        let before = [c.fetch::<f32>(&bp)?, c.fetch::<f32>(&bm)?, c.fetch::<f32>(&bv)?, c.fetch::<f16>(&p16)?];
         let one = g.upload(&[1i32])?;
         let (_, bgr) = c.rand::<f32>(n, 1.0, 0.0)?;
-        let a = AdamParams::for_step(n, 4, lr as f32, (0.9, 0.999), 1e-8, 0.01);
-        g.kernels.adamw(&g.stream, &a, bp.v()?, s(&bgr), bm.v()?, bv.v()?, None, Some(s(&one)))?;
-        let got = c.fetch::<f32>(&bp)?;
-        c.record_exact("adamw skipped on found_inf", Dtype::F32, &shape, &got, &want_p);
+        let a = AdamParams::for_step(n, 4, lr, &cfg);
+        g.kernels.adamw(&g.stream, &a, bp.v()?, s(&bgr), bm.v()?, bv.v()?, Some(p16.v()?), Some(s(&one)))?;
+        let after = [c.fetch::<f32>(&bp)?, c.fetch::<f32>(&bm)?, c.fetch::<f32>(&bv)?, c.fetch::<f16>(&p16)?];
+        for (name, (b, a)) in ["param", "exp_avg", "exp_avg_sq", "fp16 copy"].iter().zip(before.iter().zip(&after)) {
+            let dt = if *name == "fp16 copy" { Dtype::F16 } else { Dtype::F32 };
+            c.record_exact(&format!("adamw skipped on found_inf: {name} untouched"), dt, &shape, a, &b.values);
+        }
     }
     Ok(())
 }
