@@ -83,6 +83,47 @@ impl<'a> DevSlice<'a> {
     }
 }
 
+/// A byte range of device memory one launch touches (address 0: an absent optional buffer).
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    name: &'static str,
+    addr: u64,
+    bytes: usize,
+}
+
+impl Span {
+    fn new(name: &'static str, addr: u64, bytes: usize) -> Self {
+        Self { name, addr, bytes }
+    }
+
+    fn overlaps(&self, o: &Span) -> bool {
+        self.addr != 0 && o.addr != 0 && self.addr < o.addr + o.bytes as u64 && o.addr < self.addr + self.bytes as u64
+    }
+}
+
+/// The span of `elems` values of `T` at `addr`.
+fn span<T>(name: &'static str, addr: u64, elems: usize) -> Span {
+    Span::new(name, addr, elems * size_of::<T>())
+}
+
+/// Refuses a launch where an output overlaps another output or an input: the kernels declare their pointers
+/// `__restrict__`, so the compiler may keep a value in a register across a store to memory that aliases it, and
+/// an in-place call would read stale or half-updated data. The check is on the byte ranges the shape addresses.
+fn no_alias(kernel: &str, outputs: &[Span], inputs: &[Span]) -> Result<()> {
+    for (i, o) in outputs.iter().enumerate() {
+        for other in outputs[i + 1..].iter().chain(inputs) {
+            ensure!(
+                !o.overlaps(other),
+                "{kernel}: output {} overlaps {} (the kernel's pointers are __restrict__, so it cannot run in place): \
+                 give it a separate buffer",
+                o.name,
+                other.name
+            );
+        }
+    }
+    Ok(())
+}
+
 fn opt_checked<T>(s: Option<DevSlice<'_>>, elems: usize, what: &str) -> Result<u64> {
     s.map(|s| s.checked::<T>(elems, what)).transpose().map(|a| a.unwrap_or(0))
 }
@@ -421,6 +462,7 @@ impl Kernels {
         let f = self.entry("elementwise", &format!("{}_fwd_{}", op.name(), T::SUFFIX))?;
         let (y, x) = (y.checked::<T>(n, "unary y")?, x.checked::<T>(n, "unary x")?);
         let n = n as i64;
+        no_alias("unary", &[span::<T>("y", y, n as usize)], &[span::<T>("x", x, n as usize)])?;
         // SAFETY: y and x hold n elements of T (checked above); the kernel reads x[0..n) and writes y[0..n).
         unsafe { Launch::new(&f).arg(&y).arg(&x).arg(&n).run(s, self.flat_cfg(n as usize)) }
     }
@@ -440,6 +482,12 @@ impl Kernels {
         let saved = saved.checked::<T>(n, "unary backward saved")?;
         let dy = dy.checked::<T>(n, "unary backward dy")?;
         let n = n as i64;
+        let n_ = n as usize;
+        no_alias(
+            "unary backward",
+            &[span::<T>("dx", dx, n_)],
+            &[span::<T>("saved", saved, n_), span::<T>("dy", dy, n_)],
+        )?;
         // SAFETY: all three buffers hold n elements of T (checked above).
         unsafe { Launch::new(&f).arg(&dx).arg(&saved).arg(&dy).arg(&n).run(s, self.flat_cfg(n as usize)) }
     }
@@ -449,6 +497,8 @@ impl Kernels {
         let f = self.entry("elementwise", &format!("add_{}", T::SUFFIX))?;
         let (y, a, b) = (y.checked::<T>(n, "add y")?, a.checked::<T>(n, "add a")?, b.checked::<T>(n, "add b")?);
         let n = n as i64;
+        let n_ = n as usize;
+        no_alias("add", &[span::<T>("y", y, n_)], &[span::<T>("a", a, n_), span::<T>("b", b, n_)])?;
         // SAFETY: all three buffers hold n elements of T (checked above).
         unsafe { Launch::new(&f).arg(&y).arg(&a).arg(&b).arg(&n).run(s, self.flat_cfg(n as usize)) }
     }
@@ -459,6 +509,7 @@ impl Kernels {
         let f = self.entry("elementwise", &format!("{name}_{}", T::SUFFIX))?;
         let (y, x) = (y.checked::<T>(n, "scale y")?, x.checked::<T>(n, "scale x")?);
         let n = n as i64;
+        no_alias(name, &[span::<T>("y", y, n as usize)], &[span::<T>("x", x, n as usize)])?;
         // SAFETY: both buffers hold n elements of T (checked above).
         unsafe { Launch::new(&f).arg(&y).arg(&x).arg(&alpha).arg(&n).run(s, self.flat_cfg(n as usize)) }
     }
@@ -472,6 +523,8 @@ impl Kernels {
         };
         let f = self.entry("elementwise", name)?;
         let n = n as i64;
+        let (es_y, es_x) = if to_half { (2, 4) } else { (4, 2) };
+        no_alias(name, &[Span::new("y", y, n as usize * es_y)], &[Span::new("x", x, n as usize * es_x)])?;
         // SAFETY: x and y hold n elements of their types (checked above).
         unsafe { Launch::new(&f).arg(&y).arg(&x).arg(&n).run(s, self.flat_cfg(n as usize)) }
     }
@@ -514,6 +567,17 @@ impl Kernels {
         let ws = workspace.checked::<[f32; 2]>(p.rows_split as usize * c, "bn workspace")?;
         let f1 = self.entry("batchnorm", &format!("bn_stats_partial_{}", T::SUFFIX))?;
         let f2 = self.entry("batchnorm", &format!("bn_stats_finalize_{}", T::SUFFIX))?;
+        no_alias(
+            "bn_stats",
+            &[
+                span::<f32>("mean", mean, c),
+                span::<f32>("invstd", invstd, c),
+                span::<f32>("running_mean", rm, c),
+                span::<f32>("running_var", rv, c),
+                span::<[f32; 2]>("workspace", ws, p.rows_split as usize * c),
+            ],
+            &[span::<T>("x", x, m * c)],
+        )?;
         // SAFETY: x holds M*C elements, the workspace rows_split*C float2, mean/invstd/running C floats (checked
         // above); a null running pointer is skipped by the kernel.
         unsafe {
@@ -575,6 +639,17 @@ impl Kernels {
         let gamma = gamma.checked::<f32>(c, "bn gamma")?;
         let beta = beta.checked::<f32>(c, "bn beta")?;
         let f = self.entry("batchnorm", &format!("bn_forward_{}", T::SUFFIX))?;
+        no_alias(
+            "bn_forward",
+            &[span::<T>("y", y, m * c)],
+            &[
+                span::<T>("x", x, m * c),
+                span::<f32>("mean", mean, c),
+                span::<f32>("invstd", invstd, c),
+                span::<f32>("gamma", gamma, c),
+                span::<f32>("beta", beta, c),
+            ],
+        )?;
         // SAFETY: x, y hold M*C elements; the per-channel buffers C floats (checked above).
         unsafe {
             Launch::new(&f)
@@ -626,6 +701,24 @@ impl Kernels {
         let f1 = self.entry("batchnorm", &format!("bn_backward_partial_{}", T::SUFFIX))?;
         let f2 = self.entry("batchnorm", "bn_backward_finalize")?;
         let f3 = self.entry("batchnorm", &format!("bn_backward_dx_{}", T::SUFFIX))?;
+        no_alias(
+            "bn_backward",
+            &[
+                span::<T>("dx", dx, m * c),
+                span::<f32>("dgamma", dgamma, c),
+                span::<f32>("dbeta", dbeta, c),
+                span::<[f32; 2]>("workspace", ws, p.rows_split as usize * c),
+                span::<f32>("sums", sums, 2 * c),
+            ],
+            &[
+                span::<T>("x", x, m * c),
+                span::<T>("dy", dy, m * c),
+                span::<f32>("mean", mean, c),
+                span::<f32>("invstd", invstd, c),
+                span::<f32>("gamma", gamma, c),
+                span::<f32>("beta", beta, c),
+            ],
+        )?;
         // SAFETY: every buffer was checked against M, C and rows_split above; null dgamma/dbeta are skipped.
         unsafe {
             Launch::new(&f1)
@@ -673,6 +766,12 @@ impl Kernels {
         let x = x.checked::<T>(n * p.h as usize * p.w as usize * c, "depthwise x")?;
         let w = w.checked::<T>((p.k * p.k) as usize * c, "depthwise w")?;
         let f = self.entry("depthwise", &format!("dw_forward_{}", T::SUFFIX))?;
+        let in_elems = n * p.h as usize * p.w as usize * c;
+        no_alias(
+            "dw_forward",
+            &[span::<T>("y", y, out_elems)],
+            &[span::<T>("x", x, in_elems), span::<T>("w", w, (p.k * p.k) as usize * c)],
+        )?;
         // SAFETY: shapes checked above; the kernel indexes only inside them.
         unsafe { Launch::new(&f).arg(&y).arg(&x).arg(&w).arg(p).run(s, self.flat_cfg(out_elems))? };
         Ok(())
@@ -694,6 +793,12 @@ impl Kernels {
         let dy = dy.checked::<T>(n * p.ho as usize * p.wo as usize * c, "depthwise dy")?;
         let w = w.checked::<T>((p.k * p.k) as usize * c, "depthwise w")?;
         let f = self.entry("depthwise", &format!("dw_backward_data_{}", T::SUFFIX))?;
+        let out_elems = n * p.ho as usize * p.wo as usize * c;
+        no_alias(
+            "dw_backward_data",
+            &[span::<T>("dx", dx, in_elems)],
+            &[span::<T>("dy", dy, out_elems), span::<T>("w", w, (p.k * p.k) as usize * c)],
+        )?;
         // SAFETY: shapes checked above.
         unsafe { Launch::new(&f).arg(&dx).arg(&dy).arg(&w).arg(p).run(s, self.flat_cfg(in_elems))? };
         Ok(())
@@ -728,6 +833,14 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         let (rows, cols, acc) = (p.rows_split, (kk * c) as i64, accumulate as i32);
+        no_alias(
+            "dw_backward_weight",
+            &[span::<f32>("dw", dw, kk * c), span::<f32>("workspace", ws, p.rows_split as usize * kk * c)],
+            &[
+                span::<T>("x", x, n * p.h as usize * p.w as usize * c),
+                span::<T>("dy", dy, n * p.ho as usize * p.wo as usize * c),
+            ],
+        )?;
         // SAFETY: shapes and the workspace size checked above.
         unsafe {
             Launch::new(&f1).arg(&ws).arg(&x).arg(&dy).arg(&p).run(s, cfg)?;
@@ -751,6 +864,8 @@ impl Kernels {
         let out = out.checked::<T>((n * c) as usize, "se pool out")?;
         let x = x.checked::<T>(n as usize * hw as usize * c as usize, "se pool x")?;
         let f = self.entry("se", &format!("se_pool_{}", T::SUFFIX))?;
+        let (nc, total) = ((n * c) as usize, n as usize * hw as usize * c as usize);
+        no_alias("se_pool", &[span::<T>("out", out, nc)], &[span::<T>("x", x, total)])?;
         // SAFETY: shapes checked above.
         unsafe { Launch::new(&f).arg(&out).arg(&x).arg(&hw).arg(&c).run(s, Self::se_reduce_cfg(n, c))? };
         Ok(())
@@ -771,6 +886,7 @@ impl Kernels {
         let dx = dx.checked::<T>(total, "se pool dx")?;
         let dout = dout.checked::<T>((n * c) as usize, "se pool dout")?;
         let f = self.entry("se", &format!("se_pool_backward_{}", T::SUFFIX))?;
+        no_alias("se_pool_backward", &[span::<T>("dx", dx, total)], &[span::<T>("dout", dout, (n * c) as usize)])?;
         // SAFETY: shapes checked above.
         unsafe { Launch::new(&f).arg(&dx).arg(&dout).arg(&n).arg(&hw).arg(&c).run(s, self.flat_cfg(total))? };
         Ok(())
@@ -793,6 +909,11 @@ impl Kernels {
         let x = x.checked::<T>(total, "se scale x")?;
         let sc = scale.checked::<T>((n * c) as usize, "se scale s")?;
         let f = self.entry("se", &format!("se_scale_{}", T::SUFFIX))?;
+        no_alias(
+            "se_scale",
+            &[span::<T>("y", y, total)],
+            &[span::<T>("x", x, total), span::<T>("scale", sc, (n * c) as usize)],
+        )?;
         // SAFETY: shapes checked above.
         unsafe { Launch::new(&f).arg(&y).arg(&x).arg(&sc).arg(&n).arg(&hw).arg(&c).run(s, self.flat_cfg(total / 4))? };
         Ok(())
@@ -817,6 +938,11 @@ impl Kernels {
         let sc = scale.checked::<T>((n * c) as usize, "se scale s")?;
         let dy = dy.checked::<T>(total, "se scale dy")?;
         let f = self.entry("se", &format!("se_scale_backward_{}", T::SUFFIX))?;
+        no_alias(
+            "se_scale_backward",
+            &[span::<T>("dx", dx, total), span::<T>("dscale", ds, (n * c) as usize)],
+            &[span::<T>("x", x, total), span::<T>("scale", sc, (n * c) as usize), span::<T>("dy", dy, total)],
+        )?;
         // SAFETY: shapes checked above; a null dx is skipped by the kernel.
         unsafe {
             Launch::new(&f)
@@ -838,6 +964,7 @@ impl Kernels {
         let (y, x) = (y.checked::<T>(n, "dropout y")?, x.checked::<T>(n, "dropout x")?);
         let f = self.entry("dropout", &format!("dropout_{}", T::SUFFIX))?;
         let n = n as i64;
+        no_alias("dropout", &[span::<T>("y", y, n as usize)], &[span::<T>("x", x, n as usize)])?;
         // SAFETY: both buffers hold n elements (checked above).
         unsafe { Launch::new(&f).arg(&y).arg(&x).arg(&p).arg(&seed).arg(&n).run(s, self.flat_cfg(n as usize))? };
         Ok(())
@@ -866,6 +993,11 @@ impl Kernels {
         let r = opt_checked::<T>(residual, n, "stochastic depth residual")?;
         let f = self.entry("dropout", &format!("stochastic_depth_{}", T::SUFFIX))?;
         let (n, per) = (n as i64, per_sample as i64);
+        no_alias(
+            "stochastic_depth",
+            &[span::<T>("y", y, n as usize)],
+            &[span::<T>("x", x, n as usize), span::<T>("residual", r, n as usize)],
+        )?;
         // SAFETY: buffers hold n elements (checked above); a null residual is skipped.
         unsafe {
             Launch::new(&f)
@@ -907,6 +1039,20 @@ impl Kernels {
         let alpha = opt_checked::<f32>(alpha, k, "class weights")?;
         let f = self.entry("loss", &format!("softmax_loss_{}", T::SUFFIX))?;
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        no_alias(
+            "softmax_loss",
+            &[
+                span::<f32>("loss", loss, 1),
+                span::<T>("dlogits", dl, b * k),
+                span::<f32>("probs", probs, b * k),
+                span::<i32>("bad_target", bad, 1),
+            ],
+            &[
+                span::<T>("logits", logits, b * k),
+                span::<i32>("targets", targets, b),
+                span::<f32>("class weights", alpha, k),
+            ],
+        )?;
         // SAFETY: shapes checked above; null probs / alpha are handled by the kernel.
         unsafe {
             Launch::new(&f)
@@ -966,6 +1112,16 @@ impl Kernels {
         let p16 = opt_checked::<half::f16>(p16, n, "adamw fp16 copy")?;
         let fi = opt_checked::<i32>(found_inf, 1, "found_inf")?;
         let f = self.entry("optim", "adamw_f32")?;
+        no_alias(
+            "adamw",
+            &[
+                span::<f32>("params", p, n),
+                span::<f32>("m", m, n),
+                span::<f32>("v", v, n),
+                span::<half::f16>("fp16 copy", p16, n),
+            ],
+            &[span::<f32>("grads", g, n), span::<i32>("found_inf", fi, 1)],
+        )?;
         // SAFETY: all buffers hold n elements (checked above); null p16 / found_inf are skipped.
         unsafe {
             Launch::new(&f).arg(&p).arg(&g).arg(&m).arg(&v).arg(&p16).arg(&fi).arg(a).run(s, self.flat_cfg(n / 4))?
