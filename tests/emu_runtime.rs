@@ -819,6 +819,50 @@ fn child_dynamic_shared_overrun() {
 }
 
 #[test]
+#[ignore = "run by asan_flavour_fails_the_run_on_bad_accesses in a child process"]
+fn child_read_of_memory_marked_inaccessible() {
+    if !in_child() {
+        return;
+    }
+    // 64 floats of which the last 16 are marked off limits: reading element 50 is inside the host allocation but
+    // past the 48 the caller uses.
+    let input = vec![1.0f32; 64];
+    let mut out = vec![0f32; 1];
+    // SAFETY: the range is the tail of `input`, untouched until it is marked accessible again (never: the child
+    // dies in the launch).
+    unsafe { sys::mark_inaccessible(input.as_ptr() as u64 + 48 * 4, 16 * 4) };
+    let _ = launch(
+        "emu_test_read_past_end",
+        (1, 1, 1),
+        (32, 1, 1),
+        0,
+        Args::new().ptr(out.as_mut_ptr()).ptr(input.as_ptr() as *mut f32).push(50i32),
+    );
+}
+
+#[test]
+fn memory_marked_inaccessible_is_usable_again_once_marked_accessible() {
+    sys::set_schedule(forward());
+    let input: Vec<f32> = (0..64).map(|i| i as f32).collect();
+    let mut out = vec![0f32; 1];
+    let tail = input.as_ptr() as u64 + 48 * 4;
+    // SAFETY: the range is the tail of `input`; nothing reads it while it is marked.
+    unsafe {
+        sys::mark_inaccessible(tail, 16 * 4);
+        sys::mark_accessible(tail, 16 * 4);
+    }
+    launch(
+        "emu_test_read_past_end",
+        (1, 1, 1),
+        (32, 1, 1),
+        0,
+        Args::new().ptr(out.as_mut_ptr()).ptr(input.as_ptr() as *mut f32).push(50i32),
+    )
+    .unwrap();
+    assert_eq!(out[0], 50.0);
+}
+
+#[test]
 fn asan_flavour_fails_the_run_on_bad_accesses() {
     if sys::flavour() != "asan" {
         eprintln!("plain flavour: the ASan checks run under `--features emu-asan` (src/cuda/emu/mod.rs)");
@@ -833,6 +877,8 @@ fn asan_flavour_fails_the_run_on_bad_accesses() {
     );
     let (ok, err) = run_child("child_dynamic_shared_overrun");
     assert!(!ok && err.contains("AddressSanitizer"), "dynamic shared overrun: {err}");
+    let (ok, err) = run_child("child_read_of_memory_marked_inaccessible");
+    assert!(!ok && err.contains("AddressSanitizer: use-after-poison"), "read of marked memory: {err}");
     let (ok, err) = run_child("child_misaligned_vector");
     assert!(!ok && err.contains("misaligned address"), "misaligned float4 load: {err}");
     assert!(err.contains(TEST_FILE), "UBSan names the kernel's line: {err}");
