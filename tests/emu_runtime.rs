@@ -580,6 +580,36 @@ fn f16_conversions_round_to_nearest_even_with_subnormals() {
 }
 
 #[test]
+fn half_operators_round_to_fp16_at_every_step() {
+    sys::set_schedule(forward());
+    let seed: u64 = rand::random();
+    let mut rng = Pcg64::seed_from_u64(seed);
+    let n = 300;
+    let input: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..6.0)).collect();
+    let mut out = vec![0u16; 3];
+    launch(
+        "emu_test_half_arith",
+        (1, 1, 1),
+        (32, 1, 1),
+        0,
+        Args::new().ptr(out.as_mut_ptr()).ptr(input.as_ptr() as *mut f32).push(n as i32),
+    )
+    .unwrap();
+    use half::f16;
+    // half's f16 arithmetic rounds through f32, which is exact enough for one correct rounding of + - *.
+    let sum = input.iter().fold(f16::ZERO, |s, &x| s + f16::from_f32(x));
+    let (a, b, c) = (f16::from_f32(input[0]), f16::from_f32(input[1]), f16::from_f32(input[2]));
+    assert_eq!(out[0], sum.to_bits(), "seed {seed}: fp16 running sum");
+    assert_ne!(
+        f32::from(sum),
+        input.iter().map(|&x| f32::from(f16::from_f32(x))).sum::<f32>(),
+        "seed {seed}: the fp16 sum must differ from an f32 one"
+    );
+    assert_eq!(out[1], (a * b - c).to_bits(), "seed {seed}: a*b-c with a rounding after each op");
+    assert_eq!(out[2], u16::from(a < b));
+}
+
+#[test]
 fn a_barrier_that_exited_threads_never_reach_is_a_deadlock() {
     sys::set_schedule(forward());
     let mut out = vec![0f32; 64];
