@@ -195,7 +195,7 @@ fn optim(c: &mut Criterion, g: &Gpu) {
         g.kernels.unscale::<f16>(&g.stream, s(&out), s(&grads16), 1.0 / 1024.0, s(&fi), n)
     });
     let (p, m, v, p16) = (upload::<f32>(g, n), zeros(g, n * 4), zeros(g, n * 4), zeros(g, n * 2));
-    let a = AdamParams::for_step(n, 10, 1e-3, (0.9, 0.999), 1e-8, 1e-5);
+    let a = AdamParams::for_step(n, 10, 1e-3, &derma::train::adamw::AdamWConfig::default());
     // Reads p, g, m, v (16 B), writes p, m, v (12 B) and the fp16 copy (2 B).
     bench_one(c, g, "adamw", "f32+f16 copy/4.0M", 30 * n, || {
         g.kernels.adamw(&g.stream, &a, s(&p), s(&grads32), s(&m), s(&v), Some(s(&p16)), Some(s(&fi)))

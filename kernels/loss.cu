@@ -33,18 +33,23 @@ __device__ __forceinline__ float row_lse(const T* z, int k) {
 }
 
 // One block of 256 threads; thread t handles rows t, t + 256, ... . loss_out: 1 float. probs may be null.
-// alpha may be null (all ones). Targets outside [0, K) set *bad_target to the row + 1 and contribute nothing.
+// alpha may be null (all ones). Targets outside [0, K) contribute nothing; *bad_target receives the 1-based index
+// of the first such row, or 0 when every target is valid. Several threads may find bad rows: they meet in a shared
+// atomicMin and thread 0 stores the result once, so bad_target needs no initial value.
 template <typename T>
 __device__ void softmax_loss(float* __restrict__ loss_out, T* __restrict__ dlogits, float* __restrict__ probs,
                              int32_t* __restrict__ bad_target, const T* __restrict__ logits,
                              const int32_t* __restrict__ targets, const float* __restrict__ alpha, LossParams p) {
     __shared__ float scratch[32];
+    constexpr int kNone = 0x7fffffff;
+    __shared__ int first_bad;  // 0-based row, kNone while none
+    if (threadIdx.x == 0) first_bad = kNone;
     float wsum = 0.f;
     for (int i = threadIdx.x; i < p.b; i += blockDim.x) {
         const int y = targets[i];
         if (y >= 0 && y < p.k) wsum += alpha ? alpha[y] : 1.f;
     }
-    wsum = block_sum(wsum, scratch);
+    wsum = block_sum(wsum, scratch);  // its barriers also publish first_bad's initial value
     const float denom = p.focal ? (float)p.b : wsum;
     const float inv = denom > 0.f ? 1.f / denom : 0.f;
     float lsum = 0.f;
@@ -55,7 +60,7 @@ __device__ void softmax_loss(float* __restrict__ loss_out, T* __restrict__ dlogi
         if (probs)
             for (int j = 0; j < p.k; ++j) probs[(int64_t)i * p.k + j] = expf(to_f(z[j]) - lse);
         if (y < 0 || y >= p.k) {
-            *bad_target = i + 1;
+            atomicMin(&first_bad, i);
             if (p.grad_scale != 0.f)
                 for (int j = 0; j < p.k; ++j) dlogits[(int64_t)i * p.k + j] = from_f<T>(0.f);
             continue;
@@ -83,8 +88,11 @@ __device__ void softmax_loss(float* __restrict__ loss_out, T* __restrict__ dlogi
             }
         }
     }
-    lsum = block_sum(lsum, scratch);
-    if (threadIdx.x == 0) *loss_out = lsum * inv;
+    lsum = block_sum(lsum, scratch);  // its barriers make every atomicMin visible to thread 0
+    if (threadIdx.x == 0) {
+        *loss_out = lsum * inv;
+        *bad_target = first_bad == kNone ? 0 : first_bad + 1;
+    }
 }
 
 #define DERMA_LOSS(T, SFX)                                                                                           \

@@ -32,21 +32,28 @@ extern "C" __global__ void unscale_f16(float* out, const __half* in, float inv_s
     unscale(out, in, inv_scale, found_inf, n);
 }
 
-// Mirrored in src/cuda/kernels.rs as AdamParams. Bias corrections are computed on the host in f64:
-// bc1 = 1 - beta1^t, bc2_sqrt = sqrt(1 - beta2^t).
+// Mirrored in src/cuda/kernels.rs as AdamParams. Every scalar is computed on the host in f64 and rounded to f32
+// once, as the CPU reference (src/train/adamw.rs) and torch do: in f32, 1 - 0.999f is 0.000999987 and would put
+// every exp_avg_sq 1.3e-5 (relative) off.
 struct AdamParams {
     int64_t n;
-    float lr, beta1, beta2, eps, weight_decay;
-    float bc1, bc2_sqrt;
-    int32_t pad_;
+    float decay;            // 1 - lr * weight_decay
+    float one_minus_beta1;  // 1 - beta1
+    float beta2;
+    float one_minus_beta2;  // 1 - beta2
+    float bc2_sqrt;         // sqrt(1 - beta2^t)
+    float neg_step_size;    // -lr / (1 - beta1^t)
+    float eps;
+    int32_t pad_;           // to 40 bytes, a multiple of the int64's alignment
 };
 
+// The CPU reference's operations in its order: decoupled decay first, torch's lerp for m.
 __device__ __forceinline__ void adamw_one(float& p, float g, float& m, float& v, const AdamParams& a) {
-    p *= 1.f - a.lr * a.weight_decay;  // decoupled weight decay, before the moment update (torch order)
-    m = a.beta1 * m + (1.f - a.beta1) * g;
-    v = a.beta2 * v + (1.f - a.beta2) * g * g;
+    p *= a.decay;
+    m += a.one_minus_beta1 * (g - m);
+    v = v * a.beta2 + a.one_minus_beta2 * g * g;
     const float denom = sqrtf(v) / a.bc2_sqrt + a.eps;
-    p -= (a.lr / a.bc1) * (m / denom);
+    p += a.neg_step_size * m / denom;
 }
 
 // p, m, v fp32 master state; g fp32 (unscaled) gradients; p16 (nullable) receives fp16 copies of the new p.

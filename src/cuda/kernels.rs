@@ -151,27 +151,28 @@ pub struct LossParams {
     pub pad_: i32,
 }
 
-/// Mirror of `AdamParams` in kernels/optim.cu.
+/// Mirror of `AdamParams` in kernels/optim.cu: the step's scalars, computed in f64 and rounded to f32 once (see
+/// [`AdamParams::for_step`]).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct AdamParams {
     /// Elements.
     pub n: i64,
-    /// Learning rate.
-    pub lr: f32,
-    /// First-moment decay.
-    pub beta1: f32,
-    /// Second-moment decay.
+    /// 1 − lr·weight_decay.
+    pub decay: f32,
+    /// 1 − β1.
+    pub one_minus_beta1: f32,
+    /// β2.
     pub beta2: f32,
+    /// 1 − β2.
+    pub one_minus_beta2: f32,
+    /// √(1 − β2^t).
+    pub bc2_sqrt: f32,
+    /// −lr / (1 − β1^t).
+    pub neg_step_size: f32,
     /// Added to the denominator.
     pub eps: f32,
-    /// Decoupled weight decay.
-    pub weight_decay: f32,
-    /// 1 - beta1^t.
-    pub bc1: f32,
-    /// sqrt(1 - beta2^t).
-    pub bc2_sqrt: f32,
-    /// Padding to a multiple of 8 bytes.
+    /// Padding to 40 bytes (a multiple of the i64's alignment), as in C.
     pub pad_: i32,
 }
 
@@ -882,7 +883,7 @@ impl Kernels {
 
     /// Softmax + weighted CE or focal loss over logits [B, K] with i32 targets: writes the mean loss (1 f32),
     /// dlogits (unless `p.grad_scale == 0`), probabilities (when given), and `bad_target` (1 i32: 0, or the
-    /// 1-based row of the first target outside [0, K)).
+    /// 1-based row of the first target outside [0, K); written once by the kernel, so it needs no initial value).
     #[allow(clippy::too_many_arguments)]
     pub fn softmax_loss<T: Elem>(
         &self,
@@ -974,18 +975,19 @@ impl Kernels {
 }
 
 impl AdamParams {
-    /// Parameters for step `t` (1-based) with torch's AdamW semantics; bias corrections computed in f64.
-    pub fn for_step(n: usize, t: u64, lr: f32, (beta1, beta2): (f32, f32), eps: f32, weight_decay: f32) -> Self {
-        let t = t.max(1) as i32;
+    /// Parameters for step `t` (1-based) at learning rate `lr`, with the scalars computed exactly as the CPU
+    /// optimizer ([`crate::train::adamw::AdamW::step_one`]) computes them: in f64, rounded to f32 once.
+    pub fn for_step(n: usize, t: u64, lr: f64, cfg: &crate::train::adamw::AdamWConfig) -> Self {
+        let t = t.max(1) as f64;
         Self {
             n: n as i64,
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            bc1: (1.0 - (beta1 as f64).powi(t)) as f32,
-            bc2_sqrt: (1.0 - (beta2 as f64).powi(t)).sqrt() as f32,
+            decay: (1.0 - lr * cfg.weight_decay) as f32,
+            one_minus_beta1: (1.0 - cfg.beta1) as f32,
+            beta2: cfg.beta2 as f32,
+            one_minus_beta2: (1.0 - cfg.beta2) as f32,
+            bc2_sqrt: (1.0 - cfg.beta2.powf(t)).sqrt() as f32,
+            neg_step_size: (-(lr / (1.0 - cfg.beta1.powf(t)))) as f32,
+            eps: cfg.eps as f32,
             pad_: 0,
         }
     }
@@ -1003,17 +1005,28 @@ mod tests {
         assert_eq!(size_of::<LossParams>(), 24);
         assert_eq!(size_of::<AdamParams>(), 40);
         assert_eq!(std::mem::offset_of!(BnParams, eps), 16);
-        assert_eq!(std::mem::offset_of!(AdamParams, bc2_sqrt), 32);
+        assert_eq!(std::mem::offset_of!(AdamParams, decay), 8);
+        assert_eq!(std::mem::offset_of!(AdamParams, eps), 32);
+        assert_eq!(std::mem::offset_of!(AdamParams, pad_), 36);
+        assert_eq!(std::mem::align_of::<AdamParams>(), 8);
     }
 
     #[test]
-    fn adam_bias_corrections() {
-        let a = AdamParams::for_step(10, 1, 1e-3, (0.9, 0.999), 1e-8, 0.01);
-        // The betas are f32 (0.999f32 = 0.99900001...), so compare relatively.
-        assert!((a.bc1 / 0.1 - 1.0).abs() < 1e-5, "{}", a.bc1);
-        assert!((a.bc2_sqrt / 0.001f32.sqrt() - 1.0).abs() < 1e-5, "{}", a.bc2_sqrt);
-        let a = AdamParams::for_step(10, 3, 1e-3, (0.9, 0.999), 1e-8, 0.01);
-        assert!((a.bc1 - (1.0 - 0.729)).abs() < 1e-6);
+    fn adam_scalars_are_computed_in_f64() {
+        let cfg = crate::train::adamw::AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+        let a = AdamParams::for_step(10, 1, 1e-3, &cfg);
+        // 1 − β2 from the f64 0.999 is 0.001 to f32 precision; from 0.999f32 it would be 0.000999987.
+        assert_eq!(a.one_minus_beta2, 0.001f32);
+        assert_ne!(a.one_minus_beta2, 1.0 - 0.999f32);
+        assert_eq!(a.one_minus_beta1, 0.1f32);
+        assert_eq!(a.bc2_sqrt, (0.001f64).sqrt() as f32);
+        assert_eq!(a.neg_step_size, -0.01f32);
+        assert_eq!(a.decay, (1.0 - 1e-5f64) as f32);
+        let a = AdamParams::for_step(10, 3, 2e-3, &cfg);
+        assert_eq!(a.neg_step_size, (-(2e-3 / (1.0 - 0.9f64.powi(3)))) as f32);
+        assert_eq!(a.bc2_sqrt, (1.0 - 0.999f64.powi(3)).sqrt() as f32);
+        // Step 0 is treated as step 1 (no division by a zero bias correction).
+        assert_eq!(AdamParams::for_step(10, 0, 1e-3, &cfg), AdamParams::for_step(10, 1, 1e-3, &cfg));
     }
 
     #[test]
