@@ -580,6 +580,36 @@ fn f16_conversions_round_to_nearest_even_with_subnormals() {
 }
 
 #[test]
+fn half_operators_round_to_fp16_at_every_step() {
+    sys::set_schedule(forward());
+    let seed: u64 = rand::random();
+    let mut rng = Pcg64::seed_from_u64(seed);
+    let n = 300;
+    let input: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..6.0)).collect();
+    let mut out = vec![0u16; 3];
+    launch(
+        "emu_test_half_arith",
+        (1, 1, 1),
+        (32, 1, 1),
+        0,
+        Args::new().ptr(out.as_mut_ptr()).ptr(input.as_ptr() as *mut f32).push(n as i32),
+    )
+    .unwrap();
+    use half::f16;
+    // half's f16 arithmetic rounds through f32, which is exact enough for one correct rounding of + - *.
+    let sum = input.iter().fold(f16::ZERO, |s, &x| s + f16::from_f32(x));
+    let (a, b, c) = (f16::from_f32(input[0]), f16::from_f32(input[1]), f16::from_f32(input[2]));
+    assert_eq!(out[0], sum.to_bits(), "seed {seed}: fp16 running sum");
+    assert_ne!(
+        f32::from(sum),
+        input.iter().map(|&x| f32::from(f16::from_f32(x))).sum::<f32>(),
+        "seed {seed}: the fp16 sum must differ from an f32 one"
+    );
+    assert_eq!(out[1], (a * b - c).to_bits(), "seed {seed}: a*b-c with a rounding after each op");
+    assert_eq!(out[2], u16::from(a < b));
+}
+
+#[test]
 fn a_barrier_that_exited_threads_never_reach_is_a_deadlock() {
     sys::set_schedule(forward());
     let mut out = vec![0f32; 64];
@@ -819,6 +849,50 @@ fn child_dynamic_shared_overrun() {
 }
 
 #[test]
+#[ignore = "run by asan_flavour_fails_the_run_on_bad_accesses in a child process"]
+fn child_read_of_memory_marked_inaccessible() {
+    if !in_child() {
+        return;
+    }
+    // 64 floats of which the last 16 are marked off limits: reading element 50 is inside the host allocation but
+    // past the 48 the caller uses.
+    let input = vec![1.0f32; 64];
+    let mut out = vec![0f32; 1];
+    // SAFETY: the range is the tail of `input`, untouched until it is marked accessible again (never: the child
+    // dies in the launch).
+    unsafe { sys::mark_inaccessible(input.as_ptr() as u64 + 48 * 4, 16 * 4) };
+    let _ = launch(
+        "emu_test_read_past_end",
+        (1, 1, 1),
+        (32, 1, 1),
+        0,
+        Args::new().ptr(out.as_mut_ptr()).ptr(input.as_ptr() as *mut f32).push(50i32),
+    );
+}
+
+#[test]
+fn memory_marked_inaccessible_is_usable_again_once_marked_accessible() {
+    sys::set_schedule(forward());
+    let input: Vec<f32> = (0..64).map(|i| i as f32).collect();
+    let mut out = vec![0f32; 1];
+    let tail = input.as_ptr() as u64 + 48 * 4;
+    // SAFETY: the range is the tail of `input`; nothing reads it while it is marked.
+    unsafe {
+        sys::mark_inaccessible(tail, 16 * 4);
+        sys::mark_accessible(tail, 16 * 4);
+    }
+    launch(
+        "emu_test_read_past_end",
+        (1, 1, 1),
+        (32, 1, 1),
+        0,
+        Args::new().ptr(out.as_mut_ptr()).ptr(input.as_ptr() as *mut f32).push(50i32),
+    )
+    .unwrap();
+    assert_eq!(out[0], 50.0);
+}
+
+#[test]
 fn asan_flavour_fails_the_run_on_bad_accesses() {
     if sys::flavour() != "asan" {
         eprintln!("plain flavour: the ASan checks run under `--features emu-asan` (src/cuda/emu/mod.rs)");
@@ -833,6 +907,8 @@ fn asan_flavour_fails_the_run_on_bad_accesses() {
     );
     let (ok, err) = run_child("child_dynamic_shared_overrun");
     assert!(!ok && err.contains("AddressSanitizer"), "dynamic shared overrun: {err}");
+    let (ok, err) = run_child("child_read_of_memory_marked_inaccessible");
+    assert!(!ok && err.contains("AddressSanitizer: use-after-poison"), "read of marked memory: {err}");
     let (ok, err) = run_child("child_misaligned_vector");
     assert!(!ok && err.contains("misaligned address"), "misaligned float4 load: {err}");
     assert!(err.contains(TEST_FILE), "UBSan names the kernel's line: {err}");

@@ -686,6 +686,24 @@ void derma_emu_set_schedule(int thread_order, int block_order, uint64_t seed) {
     tls_schedule.rng = Rng{seed};
 }
 
+void derma_emu_mark_inaccessible(const void* addr, size_t len) {
+#if defined(DERMA_EMU_ASAN)
+    if (addr && len) __asan_poison_memory_region(addr, len);
+#else
+    (void)addr;
+    (void)len;
+#endif
+}
+
+void derma_emu_mark_accessible(const void* addr, size_t len) {
+#if defined(DERMA_EMU_ASAN)
+    if (addr && len) __asan_unpoison_memory_region(addr, len);
+#else
+    (void)addr;
+    (void)len;
+#endif
+}
+
 int derma_emu_has_kernel(const char* name) { return name && find_kernel(name) ? 1 : 0; }
 
 const char* derma_emu_flavour(void) {

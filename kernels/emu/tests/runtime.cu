@@ -233,3 +233,14 @@ extern "C" __global__ void __launch_bounds__(64) emu_test_bounded_literal(uint32
 extern "C" __global__ void __launch_bounds__(kBoundedThreads * 3, 2) emu_test_bounded_expr(uint32_t* out) {
     out[threadIdx.x] = 1;
 }
+
+// An __half accumulator (CUDA's operators): every += rounds to fp16. out[0] = the sum's bits, out[1] = a*b-c.
+extern "C" __global__ void emu_test_half_arith(uint16_t* out, const float* in, int32_t n) {
+    if (threadIdx.x != 0) return;
+    __half s = 0.f;
+    for (int i = 0; i < n; ++i) s += __float2half_rn(in[i]);
+    out[0] = __half_as_ushort(s);
+    const __half a = __float2half_rn(in[0]), b = __float2half_rn(in[1]), c = __float2half_rn(in[2]);
+    out[1] = __half_as_ushort(a * b - c);
+    out[2] = (uint16_t)(a < b);
+}
