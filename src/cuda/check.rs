@@ -944,23 +944,30 @@ fn optim(c: &mut Ctx) -> Result<()> {
             c.out.push(bitwise_row(
                 c.family,
                 &format!("adamw skipped on found_inf: {name} untouched"),
+                Dtype::F32,
                 &shape,
                 changed,
             ));
         }
         let changed = p16_before.iter().zip(&p16_after).filter(|(x, y)| x != y).count();
-        c.out.push(bitwise_row(c.family, "adamw skipped on found_inf: fp16 copy untouched", &shape, changed));
+        c.out.push(bitwise_row(
+            c.family,
+            "adamw skipped on found_inf: fp16 copy untouched",
+            Dtype::F16,
+            &shape,
+            changed,
+        ));
     }
     Ok(())
 }
 
 /// A bit-for-bit comparison as a result row: `changed` elements differ (error 0 when none, infinite otherwise).
-fn bitwise_row(family: Family, op: &str, shape: &str, changed: usize) -> CheckResult {
+fn bitwise_row(family: Family, op: &str, dtype: Dtype, shape: &str, changed: usize) -> CheckResult {
     let err = if changed == 0 { 0.0 } else { f64::INFINITY };
     CheckResult {
         family,
         op: if changed == 0 { op.to_string() } else { format!("{op} ({changed} elements changed)") },
-        dtype: Dtype::F32,
+        dtype,
         shape: shape.to_string(),
         max_abs_err: err,
         rel_err: err,
