@@ -1,51 +1,36 @@
-//! cuBLASLt GEMM in row-major semantics: C[M, N] = op(A) · op(B) with op(A) [M, K] and op(B) [K, N], fp16 storage
-//! with fp32 accumulation on tensor cores (or fp32 throughout). This is how NHWC 1×1 convolutions and the
+//! cuBLASLt GEMM in row-major semantics: C[M, N] = alpha · op(A) · op(B) + beta · C with op(A) [M, K] and op(B)
+//! [K, N], fp16 storage with fp32 accumulation, or fp32 storage. This is how NHWC 1×1 convolutions and the
 //! classifier run: [N·H·W, Cin] × [Cin, Cout].
 //!
-//! UNVERIFIED on hardware: written against cudarc's cuBLASLt API and compiled, but not yet run on a GPU (the
-//! machines that build derma have none). scripts/gpu-check.sh runs the CUDA tests that check it against the CPU.
-//!
 //! cuBLASLt is column-major; a row-major [R, C] matrix is the same memory as a column-major [C, R] one, so
-//! C = A·B row-major is computed as Cᵀ = Bᵀ·Aᵀ column-major: the operands swap and no data moves.
+//! C = A·B row-major is computed as Cᵀ = Bᵀ·Aᵀ column-major: the operands swap and no data moves. [`lt_call`]
+//! makes that mapping once, into the descriptor values both devices get: the real library on a GPU, the loops of
+//! [`super::emu::blaslt`] on the emulated device.
+//!
+//! Compute type: f16 storage uses `CUBLAS_COMPUTE_32F` (f32 accumulation, f16 rounding of the output only); f32
+//! storage uses `CUBLAS_COMPUTE_32F_FAST_TF32`, which lets the library round the inputs to TF32 on tensor cores
+//! (about 8× the f32 throughput on Ampere and later). The emulated device models that rounding on every input, so
+//! `derma check`'s tolerance for f32 GEMM (5e-3) is tested against the worst the real call may do.
+//!
+//! Alignment: cuBLASLt assumes 256-byte aligned pointers unless told otherwise, and a [`DevSlice::range`] view can
+//! start anywhere. Every call sets `CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_{A,B,C,D}_BYTES` from the actual pointers
+//! (their largest power-of-two divisor, capped at 256), so the heuristic only picks algorithms those pointers
+//! satisfy; a view not aligned to its element size is an error here. The emulated device enforces the same
+//! contract: an algorithm chosen for more alignment than a pointer has fails.
+//!
+//! UNVERIFIED on hardware: the real path is written against cuBLASLt's documented API and compiled, but has not run
+//! on a GPU; scripts/gpu-check.sh runs `derma check` there.
 
-use anyhow::{Result, ensure};
-use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
-use std::marker::PhantomData;
+use anyhow::{Result, anyhow, ensure};
+use cudarc::cublaslt::{result, sys};
+use cudarc::driver::CudaStream;
+use std::ffi::c_void;
 use std::sync::Arc;
 
+use super::alloc::Block;
 use super::device::{Gpu, Stream};
-use super::kernels::DevSlice;
-
-/// A typed view of a [`DevSlice`] that cudarc's cuBLASLt API accepts. The caching allocator, not cudarc, owns the
-/// memory, so there are no cudarc events to wait on: everything runs on one stream in order.
-struct Operand<'a, T> {
-    addr: u64,
-    len: usize,
-    stream: &'a Arc<CudaStream>,
-    _t: PhantomData<T>,
-}
-
-impl<T> DeviceSlice<T> for Operand<'_, T> {
-    fn len(&self) -> usize {
-        self.len
-    }
-    fn stream(&self) -> &Arc<CudaStream> {
-        self.stream
-    }
-}
-
-impl<T> DevicePtr<T> for Operand<'_, T> {
-    fn device_ptr<'b>(&'b self, _stream: &'b CudaStream) -> (u64, SyncOnDrop<'b>) {
-        (self.addr, SyncOnDrop::Sync(None))
-    }
-}
-
-impl<T> DevicePtrMut<T> for Operand<'_, T> {
-    fn device_ptr_mut<'b>(&'b mut self, _stream: &'b CudaStream) -> (u64, SyncOnDrop<'b>) {
-        (self.addr, SyncOnDrop::Sync(None))
-    }
-}
+use super::emu::blaslt::{self as emu, Call, Layout, MatmulDesc, Preference, alignment_of};
+use super::kernels::{DevSlice, Elem};
 
 /// Shape and options of one GEMM, row-major.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,31 +47,115 @@ pub struct Gemm {
     pub trans_b: bool,
 }
 
-/// A cuBLASLt handle bound to a stream (cudarc allocates its workspace: 32 MiB on Hopper, 4 MiB otherwise).
+/// cuBLASLt's element type for a storage type.
+fn data_type<T: Elem>() -> sys::cudaDataType {
+    if T::SUFFIX == "f16" { sys::cudaDataType::CUDA_R_16F } else { sys::cudaDataType::CUDA_R_32F }
+}
+
+/// The column-major descriptors of a row-major GEMM over `T` (see the module docs): cuBLASLt's A is our B and its
+/// B our A, its m our n.
+pub fn lt_call<T: Elem>(g: &Gemm) -> Call {
+    let dtype = data_type::<T>();
+    let compute = if dtype == sys::cudaDataType::CUDA_R_32F {
+        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+    } else {
+        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+    };
+    let (m, n, k) = (g.m as u64, g.n as u64, g.k as u64);
+    // Row-major B [K, N] (or [N, K] stored for trans_b) is column-major [N, K] (or [K, N]), leading dim its row length.
+    let a = if g.trans_b {
+        Layout { dtype, rows: k, cols: n, ld: k as i64 }
+    } else {
+        Layout { dtype, rows: n, cols: k, ld: n as i64 }
+    };
+    let b = if g.trans_a {
+        Layout { dtype, rows: m, cols: k, ld: m as i64 }
+    } else {
+        Layout { dtype, rows: k, cols: m, ld: k as i64 }
+    };
+    let c = Layout { dtype, rows: n, cols: m, ld: n as i64 };
+    Call {
+        desc: MatmulDesc { compute, scale: sys::cudaDataType::CUDA_R_32F, trans_a: g.trans_b, trans_b: g.trans_a },
+        a,
+        b,
+        c,
+        d: c,
+    }
+}
+
+/// A cuBLASLt handle, its workspace and stream (GPU), or the emulated library.
+enum Backend {
+    Cuda { handle: sys::cublasLtHandle_t, stream: Arc<CudaStream>, workspace: Block },
+    Emulated,
+}
+
+/// cuBLASLt on one device.
 pub struct Blas {
-    lt: CudaBlasLT,
-    stream: Arc<CudaStream>,
+    backend: Backend,
+}
+
+// SAFETY: the cuBLASLt handle may be used from any thread; calls that share the workspace are ordered on one
+// stream, so they never run at once on the device.
+unsafe impl Send for Blas {}
+// SAFETY: see above.
+unsafe impl Sync for Blas {}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        if let Backend::Cuda { handle, .. } = &self.backend {
+            // SAFETY: the handle was created in `new` and is destroyed once, here.
+            let _ = unsafe { result::destroy_handle(*handle) };
+        }
+    }
+}
+
+/// Destroys cuBLASLt descriptors when a call ends, also on its error paths.
+struct Descriptors {
+    layouts: Vec<sys::cublasLtMatrixLayout_t>,
+    desc: Option<sys::cublasLtMatmulDesc_t>,
+    pref: Option<sys::cublasLtMatmulPreference_t>,
+}
+
+impl Drop for Descriptors {
+    fn drop(&mut self) {
+        // SAFETY: each descriptor was created for this call and is destroyed once, here.
+        unsafe {
+            for &l in &self.layouts {
+                let _ = result::destroy_matrix_layout(l);
+            }
+            if let Some(d) = self.desc {
+                let _ = result::destroy_matmul_desc(d);
+            }
+            if let Some(p) = self.pref {
+                let _ = result::destroy_matmul_pref(p);
+            }
+        }
+    }
+}
+
+fn lt_err(what: &str) -> impl Fn(result::CublasError) -> anyhow::Error + '_ {
+    move |e| anyhow!("cuBLASLt {what} failed: {e:?}")
 }
 
 impl Blas {
-    /// Creates the handle on `gpu`'s stream. On a GPU, call only after [`super::probe`] reported cuBLASLt present:
-    /// cudarc panics when the library cannot be loaded.
+    /// Creates the handle on `gpu` and a workspace from its allocator (32 MiB on Hopper and later, 4 MiB before,
+    /// as NVIDIA recommends). On a GPU, call only after [`super::probe`] reported cuBLASLt present: cudarc panics
+    /// when the library cannot be loaded.
     pub fn new(gpu: &Gpu) -> Result<Self> {
         let Stream::Cuda(stream) = &gpu.stream else {
-            anyhow::bail!("cuBLASLt is not available on the emulated device yet")
+            return Ok(Self { backend: Backend::Emulated });
         };
-        let stream = stream.clone();
-        let lt = CudaBlasLT::new(stream.clone()).map_err(|e| anyhow::anyhow!("creating the cuBLASLt handle: {e:?}"))?;
-        Ok(Self { lt, stream })
+        let bytes = if gpu.info.compute_capability.0 >= 9 { 32 << 20 } else { 4 << 20 };
+        let workspace = gpu.alloc.alloc(bytes)?;
+        let handle = result::create_handle().map_err(lt_err("creating the handle"))?;
+        Ok(Self { backend: Backend::Cuda { handle, stream: stream.clone(), workspace } })
     }
 
-    /// C = alpha · op(A) · op(B) + beta · C, row-major, with T = f32 or f16 (fp32 accumulation either way).
-    /// Lengths are checked against the shape.
+    /// C = alpha · op(A) · op(B) + beta · C, row-major, with T = f32 or f16 (f32 accumulation either way; C is not
+    /// read when beta is 0). Lengths are checked against the shape, and each pointer's alignment goes to the
+    /// heuristic.
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm<T>(&self, g: &Gemm, alpha: f32, a: DevSlice, b: DevSlice, beta: f32, c: DevSlice) -> Result<()>
-    where
-        CudaBlasLT: Matmul<T>,
-    {
+    pub fn gemm<T: Elem>(&self, g: &Gemm, alpha: f32, a: DevSlice, b: DevSlice, beta: f32, c: DevSlice) -> Result<()> {
         let es = size_of::<T>();
         let (m, n, k) = (g.m, g.n, g.k);
         ensure!(m > 0 && n > 0 && k > 0, "GEMM with an empty dimension: [{m}, {k}] x [{k}, {n}]");
@@ -97,32 +166,202 @@ impl Blas {
                 s.len_bytes(),
                 elems * es
             );
+            ensure!(
+                s.addr().is_multiple_of(es as u64),
+                "GEMM operand {name} at {:#x} is not aligned to its {es}-byte elements: take views at whole elements",
+                s.addr()
+            );
         }
-        let op = |s: DevSlice, len| Operand::<T> { addr: s.addr(), len, stream: &self.stream, _t: PhantomData };
-        // Column-major view: C^T [N, M] = op(B)^T [N, K] · op(A)^T [K, M].
-        let cfg = MatmulConfig {
-            transa: g.trans_b,
-            transb: g.trans_a,
-            transc: false,
-            m: n as u64,
-            n: m as u64,
-            k: k as u64,
-            alpha,
-            lda: if g.trans_b { k } else { n } as i64,
-            ldb: if g.trans_a { m } else { k } as i64,
-            beta,
-            ldc: n as i64,
-            stride_a: None,
-            stride_b: None,
-            stride_c: None,
-            stride_bias: None,
-            batch_size: None,
-        };
-        let (first, second) = (op(b, k * n), op(a, m * k));
-        let mut out = op(c, m * n);
-        // SAFETY: every operand covers the elements the shape addresses (checked above); the memory stays alive
-        // for the call because the caller borrows its blocks; work is ordered on self.stream.
-        unsafe { self.lt.matmul(cfg, &first, &second, &mut out, None, None) }
-            .map_err(|e| anyhow::anyhow!("cuBLASLt matmul [{m}x{k}]x[{k}x{n}] failed: {e:?}"))
+        let call = lt_call::<T>(g);
+        // cuBLASLt's (A, B, C, D) are our (B, A, C, C).
+        let ptrs = [b.addr(), a.addr(), c.addr(), c.addr()];
+        let shape = format!("[{m}x{k}]x[{k}x{n}] {}", T::SUFFIX);
+        match &self.backend {
+            Backend::Emulated => {
+                let pref = Preference { max_workspace: 0, min_alignment: ptrs.map(alignment_of) };
+                let algo = emu::heuristic(&call, &pref).map_err(|e| e.context(format!("GEMM {shape}")))?;
+                let p =
+                    emu::Pointers { a: ptrs[0], b: ptrs[1], c: ptrs[2], d: ptrs[3], workspace: 0, workspace_bytes: 0 };
+                // SAFETY: on the emulated device, device addresses are host addresses of live blocks the caller
+                // borrows; every operand covers its layout (checked above: the layouts are packed, extent m·k,
+                // k·n and m·n).
+                unsafe { emu::matmul(&call, &algo, alpha, beta, p) }.map_err(|e| e.context(format!("GEMM {shape}")))
+            }
+            Backend::Cuda { handle, stream, workspace } => {
+                let ws = DevSlice::of(workspace);
+                // SAFETY: the operands cover their layouts (checked above) and stay alive for the call (the caller
+                // borrows their blocks); work is ordered on `stream`, which also orders uses of the workspace.
+                unsafe { real_matmul(*handle, stream, &call, alpha, beta, ptrs, ws) }
+                    .map_err(|e| e.context(format!("GEMM {shape}")))
+            }
+        }
+    }
+}
+
+/// The real cuBLASLt call for `call`, with the alignment preferences taken from `ptrs` (A, B, C, D).
+///
+/// # Safety
+/// Each pointer addresses device memory covering its layout; `ws` is device memory no other work uses while this
+/// call's work runs on `stream`.
+unsafe fn real_matmul(
+    handle: sys::cublasLtHandle_t,
+    stream: &Arc<CudaStream>,
+    call: &Call,
+    alpha: f32,
+    beta: f32,
+    ptrs: [u64; 4],
+    ws: DevSlice,
+) -> Result<()> {
+    let mut d = Descriptors { layouts: Vec::with_capacity(4), desc: None, pref: None };
+    for l in [&call.a, &call.b, &call.c, &call.d] {
+        d.layouts.push(result::create_matrix_layout(l.dtype, l.rows, l.cols, l.ld).map_err(lt_err("layout"))?);
+    }
+    let desc = result::create_matmul_desc(call.desc.compute, call.desc.scale).map_err(lt_err("matmul descriptor"))?;
+    d.desc = Some(desc);
+    // cublasOperation_t: CUBLAS_OP_N = 0, CUBLAS_OP_T = 1.
+    let op = |t: bool| if t { 1i32 } else { 0i32 };
+    let pref = result::create_matmul_pref().map_err(lt_err("preference"))?;
+    d.pref = Some(pref);
+    let ws_bytes = ws.len_bytes();
+    let align = ptrs.map(alignment_of);
+    use sys::cublasLtMatmulDescAttributes_t as D;
+    use sys::cublasLtMatmulPreferenceAttributes_t as P;
+    // SAFETY: the descriptors are live (owned by `d`); each attribute gets a pointer to a value of the type and size
+    // cuBLASLt documents for it (int32 for the transposes, uint64 workspace bytes, uint32 alignments).
+    unsafe {
+        for (attr, t) in
+            [(D::CUBLASLT_MATMUL_DESC_TRANSA, call.desc.trans_a), (D::CUBLASLT_MATMUL_DESC_TRANSB, call.desc.trans_b)]
+        {
+            let v = op(t);
+            result::set_matmul_desc_attribute(desc, attr, (&v as *const i32).cast(), size_of::<i32>())
+                .map_err(lt_err("transpose attribute"))?;
+        }
+        let ws64 = ws_bytes as u64;
+        result::set_matmul_pref_attribute(
+            pref,
+            P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            (&ws64 as *const u64).cast(),
+            8,
+        )
+        .map_err(lt_err("workspace preference"))?;
+        let attrs = [
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+        ];
+        for (attr, a) in attrs.into_iter().zip(align) {
+            result::set_matmul_pref_attribute(pref, attr, (&a as *const u32).cast(), size_of::<u32>())
+                .map_err(lt_err("alignment preference"))?;
+        }
+        let (la, lb, lc, ld) = (d.layouts[0], d.layouts[1], d.layouts[2], d.layouts[3]);
+        let heuristic = result::get_matmul_algo_heuristic(handle, desc, la, lb, lc, ld, pref).map_err(|e| {
+            anyhow!("cuBLASLt has no algorithm for pointers aligned to {align:?} bytes (A, B, C, D): {e:?}")
+        })?;
+        result::matmul(
+            handle,
+            desc,
+            (&alpha as *const f32).cast(),
+            (&beta as *const f32).cast(),
+            ptrs[0] as *const c_void,
+            la,
+            ptrs[1] as *const c_void,
+            lb,
+            ptrs[2] as *const c_void,
+            lc,
+            ptrs[3] as *mut c_void,
+            ld,
+            &heuristic.algo,
+            ws.addr() as *mut c_void,
+            ws_bytes,
+            stream.cu_stream() as sys::cudaStream_t,
+        )
+        .map_err(lt_err("matmul"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gemm::gemm;
+    use half::f16;
+    use rand::RngExt;
+
+    #[test]
+    fn row_major_mapping_matches_the_cpu_gemm_on_the_emulated_device() {
+        let gpu = Gpu::emulated().unwrap();
+        let blas = Blas::new(&gpu).unwrap();
+        let mut rng = crate::cuda::emu::test_rng("blas on emu");
+        for (m, k, n) in [(37, 24, 40), (13, 40, 9), (1, 7, 5), (8, 1, 3)] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                for (alpha, beta) in [(1.0f32, 0.0f32), (-0.5, 2.0)] {
+                    let spec = Gemm { m, n, k, trans_a: ta, trans_b: tb };
+                    let mut draw = |len: usize| -> Vec<f64> {
+                        (0..len).map(|_| f16::from_f64(rng.random_range(-1.0..1.0)).to_f64()).collect()
+                    };
+                    let (a, b, c0) = (draw(m * k), draw(k * n), draw(m * n));
+                    let mut want = c0.clone();
+                    gemm(m, k, n, alpha as f64, &a, ta, &b, tb, beta as f64, &mut want);
+                    // Per-element error bound: (k + 2) f32 roundings of the sum of |terms|.
+                    let abs = |v: &[f64]| v.iter().map(|x| x.abs()).collect::<Vec<f64>>();
+                    let mut bound = abs(&c0);
+                    gemm(m, k, n, alpha.abs() as f64, &abs(&a), ta, &abs(&b), tb, beta.abs() as f64, &mut bound);
+                    // f16 values are exact in f16 and f32, and products of two are exact in f32: with the f32
+                    // path in TF32 (10 mantissa bits, as f16), both storage types see the same inputs.
+                    let h = |v: &[f64]| v.iter().map(|&x| f16::from_f64(x)).collect::<Vec<f16>>();
+                    let s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+                    let (ba, bb) = (gpu.upload(&s(&a)).unwrap(), gpu.upload(&s(&b)).unwrap());
+                    let bc = gpu.upload(&s(&c0)).unwrap();
+                    blas.gemm::<f32>(&spec, alpha, DevSlice::of(&ba), DevSlice::of(&bb), beta, DevSlice::of(&bc))
+                        .unwrap();
+                    let got: Vec<f32> = gpu.download(&bc, m * n).unwrap();
+                    let (ha, hb) = (gpu.upload(&h(&a)).unwrap(), gpu.upload(&h(&b)).unwrap());
+                    let hc = gpu.upload(&h(&c0)).unwrap();
+                    blas.gemm::<f16>(&spec, alpha, DevSlice::of(&ha), DevSlice::of(&hb), beta, DevSlice::of(&hc))
+                        .unwrap();
+                    let got16: Vec<f16> = gpu.download(&hc, m * n).unwrap();
+                    for i in 0..m * n {
+                        let tol32 = (k as f64 + 2.0) * 2f64.powi(-24) * bound[i];
+                        assert!(
+                            (got[i] as f64 - want[i]).abs() <= tol32,
+                            "f32 [{i}] {} vs {} ({m},{k},{n},{ta},{tb})",
+                            got[i],
+                            want[i]
+                        );
+                        let tol16 = tol32 + 2f64.powi(-11) * want[i].abs();
+                        assert!((got16[i].to_f64() - want[i]).abs() <= tol16, "f16 [{i}] {} vs {}", got16[i], want[i]);
+                    }
+                }
+            }
+        }
+    }
+
+    fn view(blk: &Block, elems: usize) -> DevSlice<'_> {
+        DevSlice::range(blk, 4, elems * 4).unwrap()
+    }
+
+    #[test]
+    fn misaligned_views_work_and_odd_byte_views_are_refused() {
+        let gpu = Gpu::emulated().unwrap();
+        let blas = Blas::new(&gpu).unwrap();
+        let (m, k, n) = (5, 3, 4);
+        let a: Vec<f32> = (0..m * k + 1).map(|i| i as f32 * 0.25 - 1.0).collect();
+        let b: Vec<f32> = (0..k * n + 1).map(|i| 1.0 - i as f32 * 0.125).collect();
+        let (ba, bb, bc) =
+            (gpu.upload(&a).unwrap(), gpu.upload(&b).unwrap(), gpu.upload(&vec![f32::NAN; m * n + 1]).unwrap());
+        // Views one element in: 4-byte aligned, below cuBLASLt's default 256.
+        let spec = Gemm { m, n, k, trans_a: false, trans_b: false };
+        blas.gemm::<f32>(&spec, 1.0, view(&ba, m * k), view(&bb, k * n), 0.0, view(&bc, m * n)).unwrap();
+        let got: Vec<f32> = gpu.download(&bc, m * n + 1).unwrap();
+        assert!(got[0].is_nan(), "the element before the output view was written");
+        let mut want = vec![0.0f64; m * n];
+        let f = |v: &[f32]| v[1..].iter().map(|&x| x as f64).collect::<Vec<f64>>();
+        gemm(m, k, n, 1.0, &f(&a), false, &f(&b), false, 0.0, &mut want);
+        for i in 0..m * n {
+            assert!((got[i + 1] as f64 - want[i]).abs() < 1e-2, "{i}: {} vs {}", got[i + 1], want[i]);
+        }
+        let odd = DevSlice::range(&ba, 2, m * k * 4).unwrap();
+        let e = blas.gemm::<f32>(&spec, 1.0, odd, view(&bb, k * n), 0.0, view(&bc, m * n)).unwrap_err().to_string();
+        assert!(e.contains("operand A") && e.contains("not aligned to its 4-byte elements"), "{e}");
     }
 }
