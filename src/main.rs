@@ -126,7 +126,9 @@ fn run_forward(a: ForwardArgs) -> Result<()> {
 fn run_model(cmd: ModelCmd) -> Result<()> {
     match cmd {
         ModelCmd::Summary(a) => {
-            let m = EfficientNet::<f32>::new(ModelConfig::variant(a.variant, a.classes, a.head), 0);
+            let cfg = ModelConfig::variant(a.variant, a.classes, a.head);
+            check_summary_size(&a, &cfg)?;
+            let m = EfficientNet::<f32>::new(cfg, 0);
             let s = summarize(&m, a.size);
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
@@ -145,6 +147,17 @@ fn run_model(cmd: ModelCmd) -> Result<()> {
     }
 }
 
+/// Refuses a summary whose model could not be built in memory, before building it.
+fn check_summary_size(a: &SummaryArgs, cfg: &ModelConfig) -> Result<()> {
+    if a.classes == 0 {
+        bail!("--classes must be at least 1");
+    }
+    derma::data::check_image_side(a.size, "--size")?;
+    let params = derma::nn::summary::parameter_count(cfg);
+    let asked = format!("a {:?} model with --classes {} ({params} parameters)", a.variant, a.classes);
+    derma::data::memory::check_fits(&derma::data::memory::model_estimate(params, asked), "--classes")
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -161,6 +174,7 @@ fn main() {
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        let interrupted = e.downcast_ref::<derma::data::DecodeInterrupted>().is_some();
+        std::process::exit(if interrupted { derma::interrupt::EXIT_INTERRUPTED } else { 1 });
     }
 }

@@ -47,6 +47,7 @@ fn train_run(config: TrainConfig, data: &Path, out: &Path) -> TrainRun {
         data: data.to_path_buf(),
         out: out.to_path_buf(),
         resume: false,
+        cache: None,
         quiet: true,
         stop_after_steps: None,
     }
@@ -55,12 +56,11 @@ fn train_run(config: TrainConfig, data: &Path, out: &Path) -> TrainRun {
 fn prepared(data: &Path, cfg: &TrainConfig) -> Arc<data::PreparedData> {
     Arc::new(
         data::prepare(&PrepareOptions {
-            data: data.to_path_buf(),
-            cache: None,
             size: cfg.image_size as u32,
             val_fraction: cfg.val_fraction,
             seed: cfg.seed,
             quiet: true,
+            ..PrepareOptions::new(data)
         })
         .unwrap(),
     )

@@ -27,6 +27,9 @@ pub struct PrepareArgs {
     /// No progress bar or warnings.
     #[arg(long)]
     quiet: bool,
+    /// Stop decoding after this many images, as on Ctrl-C (for testing resumption).
+    #[arg(long, hide = true)]
+    stop_after_decodes: Option<usize>,
 }
 
 #[derive(Args)]
@@ -53,6 +56,7 @@ pub struct SynthArgs {
 }
 
 pub fn run_prepare(a: PrepareArgs) -> anyhow::Result<()> {
+    derma::interrupt::install()?;
     let opts = derma::data::PrepareOptions {
         data: a.data,
         cache: a.cache,
@@ -60,6 +64,7 @@ pub fn run_prepare(a: PrepareArgs) -> anyhow::Result<()> {
         val_fraction: a.val_fraction,
         seed: a.seed,
         quiet: a.quiet || a.json,
+        stop_after_decodes: a.stop_after_decodes,
     };
     let prepared = derma::data::prepare(&opts)?;
     if a.json {

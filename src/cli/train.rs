@@ -14,6 +14,10 @@ pub struct TrainArgs {
     /// ISIC-layout dataset in the run folder and trains a short demonstration schedule on it.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Cache folder for the decoded images [default: <DATA>/.derma-cache-<IMAGE_SIZE>]; needed when the dataset
+    /// folder is read-only and has no cache yet.
+    #[arg(long)]
+    cache: Option<PathBuf>,
     /// TOML file with any training setting (flags given here override it).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -128,6 +132,10 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         cfg.early_stopping.patience = p;
     }
     cfg.validate()?;
+    derma::data::check_image_side(cfg.image_size, "--image-size")?;
+    let workers = cfg.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(6));
+    let need = derma::data::memory::train_estimate(cfg.batch_size, cfg.image_size, workers, 2);
+    derma::data::memory::check_fits(&need, "--batch-size or --image-size")?;
     let data = match (&a.data, resume) {
         (Some(d), _) => d.clone(),
         (None, true) => {
@@ -162,6 +170,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         data,
         out: out.clone(),
         resume,
+        cache: a.cache.clone(),
         quiet: a.quiet,
         stop_after_steps: a.stop_after_steps,
     })?;

@@ -43,6 +43,8 @@ pub struct TrainRun {
     pub out: PathBuf,
     /// Continue from `out/last.safetensors`.
     pub resume: bool,
+    /// Cache folder for the decoded images (`None`: inside the dataset folder).
+    pub cache: Option<PathBuf>,
     /// No progress bars; one log line per epoch.
     pub quiet: bool,
     /// Stop (saving, as on Ctrl-C) after this many optimizer steps in this process: for tests of resumption.
@@ -163,12 +165,12 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
     let best_path = run.out.join("best.safetensors");
 
     let prepared = Arc::new(data::prepare(&PrepareOptions {
-        data: run.data.clone(),
-        cache: None,
+        cache: run.cache.clone(),
         size: cfg.image_size as u32,
         val_fraction: cfg.val_fraction,
         seed: cfg.seed,
         quiet: run.quiet,
+        ..PrepareOptions::new(run.data.clone())
     })?);
     if !run.quiet {
         eprintln!(
