@@ -47,3 +47,43 @@ fn model_summary_with_too_many_classes_is_refused() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(json(&o)["total_params"].as_u64().unwrap(), 4_007_548 + 1281 * 7);
 }
+
+#[test]
+fn eval_sizes_its_memory_by_the_images_it_scores() {
+    let tmp = tempfile::tempdir().unwrap();
+    synth_isic(&tmp.path().join("data"), 24, 3);
+    let t = derma(
+        tmp.path(),
+        &[
+            "train",
+            "--data",
+            "data",
+            "--image-size",
+            "32",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--out",
+            "run",
+            "--quiet",
+        ],
+    );
+    assert!(t.status.success(), "{}", stderr(&t));
+    // A batch larger than the data is one batch of all images, not a refusal or an abort.
+    let e = derma(
+        tmp.path(),
+        &[
+            "eval",
+            "--checkpoint",
+            "run/best.safetensors",
+            "--data",
+            "data",
+            "--split",
+            "all",
+            "--batch-size",
+            "100000000",
+        ],
+    );
+    assert!(e.status.success(), "{}", stderr(&e));
+}

@@ -70,10 +70,6 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     }
     let mut loaded = checkpoint::load(&a.checkpoint)?;
     data::check_image_side(loaded.image_size, &format!("the image size of {}", a.checkpoint.display()))?;
-    derma::data::memory::check_fits(
-        &derma::data::memory::eval_estimate(a.batch_size, loaded.image_size, loaded.model.params.counts().0),
-        "--batch-size",
-    )?;
     derma::interrupt::install()?;
     // The split must be the one the run validated on: same fraction and seed as its config, else the defaults.
     let defaults = TrainConfig::default();
@@ -110,6 +106,10 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
             Split::All => bail!("{} has no usable images", a.data.display()),
         }
     }
+    // A batch never holds more than the images scored.
+    let batch = a.batch_size.min(indices.len());
+    let need = derma::data::memory::eval_estimate(batch, loaded.image_size, loaded.model.params.counts().0);
+    derma::data::memory::check_fits(&need, "--batch-size")?;
     let kind = match cfg.loss {
         CfgLoss::Focal => LossKind::Focal { gamma: cfg.focal_gamma },
         CfgLoss::Ce => LossKind::CrossEntropy,
