@@ -107,14 +107,39 @@ fn a_missing_metadata_file_warns_that_the_split_is_not_grouped_by_lesion() {
     let p = prepare(&opts(&dir)).unwrap();
     assert!(!p.summary.warnings.iter().any(|w| w.contains("lesion")), "{:#?}", p.summary.warnings);
     fs::remove_file(dir.join("ISIC_2019_Training_Metadata.csv")).unwrap();
+    // The text report lists it; with --json it goes to stderr (and into the JSON).
     let o = derma(&dir, &["prepare", "--data", ".", "--size", "16"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let err = stderr(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
     assert!(
-        err.contains("warning: ISIC_2019_Training_Metadata.csv not found")
-            && err.contains("cannot be grouped by lesion"),
-        "{err}"
+        out.contains("warning: ISIC_2019_Training_Metadata.csv not found")
+            && out.contains("cannot be grouped by lesion"),
+        "{out}"
     );
+    let o = derma(&dir, &["prepare", "--data", ".", "--size", "16", "--json"]);
+    let err = stderr(&o);
+    assert!(err.contains("warning: ISIC_2019_Training_Metadata.csv not found"), "{err}");
+    assert!(json(&o)["warnings"].as_array().unwrap().iter().any(|w| w.as_str().unwrap().contains("lesion")));
+    // A quiet training run still warns.
+    let o = derma(
+        &dir,
+        &[
+            "train",
+            "--data",
+            ".",
+            "--image-size",
+            "32",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--out",
+            "run",
+            "--quiet",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("cannot be grouped by lesion"), "{}", stderr(&o));
 }
 
 #[test]

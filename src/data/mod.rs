@@ -78,8 +78,10 @@ pub struct PrepareOptions {
     pub val_fraction: f64,
     /// Seed of the split.
     pub seed: u64,
-    /// No progress bar and no warnings on stderr.
+    /// No progress bar.
     pub quiet: bool,
+    /// Print the warnings on stderr as well as in the summary (default; a quiet run still warns).
+    pub warn: bool,
     /// Stop decoding after this many images, as an interruption would (tests of resumption).
     pub stop_after_decodes: Option<usize>,
 }
@@ -94,6 +96,7 @@ impl PrepareOptions {
             val_fraction: 0.2,
             seed: 42,
             quiet: false,
+            warn: true,
             stop_after_decodes: None,
         }
     }
@@ -419,7 +422,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PreparedData> {
             cache_dir.display()
         ));
     }
-    if !opts.quiet {
+    if opts.warn {
         for w in &warnings {
             eprintln!("warning: {w}");
         }
@@ -519,6 +522,9 @@ impl PrepareSummary {
             "split: {} train, {} val; cache {} ({}x{}; decoded {}{rate}, reused {})\n",
             self.train, self.val, self.cache, self.size, self.size, self.decoded, self.reused
         );
+        for w in &self.warnings {
+            s += &format!("warning: {w}\n");
+        }
         s
     }
 }
