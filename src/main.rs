@@ -173,8 +173,12 @@ fn main() {
         Command::Check(a) => derma::cuda::check::run(&a),
     };
     if let Err(e) = result {
+        // A decode stopped by Ctrl-C is no failure: its work is kept and the same command resumes it.
+        if e.downcast_ref::<derma::data::DecodeInterrupted>().is_some() {
+            eprintln!("{e:#}");
+            std::process::exit(derma::interrupt::EXIT_INTERRUPTED);
+        }
         eprintln!("error: {e:#}");
-        let interrupted = e.downcast_ref::<derma::data::DecodeInterrupted>().is_some();
-        std::process::exit(if interrupted { derma::interrupt::EXIT_INTERRUPTED } else { 1 });
+        std::process::exit(1);
     }
 }

@@ -187,7 +187,7 @@ fn an_interrupted_decode_keeps_its_work_and_the_next_run_resumes() {
 }
 
 #[test]
-fn a_changed_image_after_an_interruption_is_decoded_again() {
+fn an_edit_that_keeps_length_and_mtime_is_decoded_again() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     synth_isic(&root.join("data"), 16, 6);
