@@ -53,6 +53,14 @@ fn a_read_only_dataset_trains_and_evaluates_with_its_existing_cache() {
 
     let p = derma(root, &["prepare", "--data", &ro_path, "--size", "32", "--json"]);
     assert_eq!(decoded(&p), (0, 40));
+    // Another split seed: the pixels serve, the lists in the read-only folder cannot be rewritten and it says so.
+    let p = derma(root, &["prepare", "--data", &ro_path, "--size", "32", "--seed", "7", "--json"]);
+    assert_eq!(decoded(&p), (0, 40));
+    assert!(
+        stderr(&p).contains("is read-only: split.csv and excluded.csv there describe an earlier run"),
+        "{}",
+        stderr(&p)
+    );
     let t = derma(
         root,
         &[
