@@ -118,6 +118,12 @@ fn run_forward(a: ForwardArgs) -> Result<()> {
     }
     let mut model = load_model(&a.weights)?;
     let inputs = io::load_safetensors(&a.input).with_context(|| format!("reading {}", a.input.display()))?.0;
+    for (name, count) in forward::non_finite_inputs(inputs.entries()) {
+        eprintln!(
+            "warning: {}: `{name}` holds {count} NaN or infinite values; they propagate to the outputs as in PyTorch",
+            a.input.display()
+        );
+    }
     let kind = match a.loss {
         LossArg::Focal => LossKind::Focal { gamma: a.gamma },
         LossArg::Ce => LossKind::CrossEntropy,

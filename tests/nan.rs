@@ -89,6 +89,10 @@ fn nan_through_conv2d() {
         let op = |t: &mut Tape<f64>, v: &[Var]| conv::conv2d(t, v[0], v[1], Some(v[2]), cfg);
         let at = r.random_range(0..x.numel());
         nan_case("conv2d (input)", vec![x.clone(), w.clone(), b.clone()], (0, at), &op);
+        // A NaN weight without padding: at a padded tap, 0 · NaN is NaN in an im2col convolution (derma's and
+        // PyTorch's slow path) but skipped by direct ones, so PyTorch itself differs between backends there.
+        let unpadded = ConvCfg { pad: 0, ..cfg };
+        let op = |t: &mut Tape<f64>, v: &[Var]| conv::conv2d(t, v[0], v[1], Some(v[2]), unpadded);
         let at = r.random_range(0..w.numel());
         nan_case("conv2d (weight)", vec![x, w, b], (1, at), &op);
     }
@@ -254,4 +258,32 @@ fn nan_images_give_nan_logits() {
         let l = &tape.value(logits).data;
         assert!(l.iter().all(|v| v.is_nan()), "{head:?} head: {l:?}");
     }
+}
+
+#[test]
+fn derma_forward_writes_nan_logits_for_nan_images_and_warns() {
+    use derma::io::{self, StateDict};
+    use derma::tensor::Tensor;
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = tmp.path().join("w.safetensors");
+    io::save_safetensors(&weights, &EfficientNet::<f32>::new(ModelConfig::b0(8, HeadKind::Seed), 1).state_dict(), None)
+        .unwrap();
+    let mut images = vec![0.25f32; 2 * 3 * 32 * 32];
+    images[..3 * 32 * 32].fill(f32::NAN);
+    let input = tmp.path().join("in.safetensors");
+    let sd: StateDict =
+        [("images".to_string(), Tensor::from_f32(&[2, 3, 32, 32], images).unwrap())].into_iter().collect();
+    io::save_safetensors(&input, &sd, None).unwrap();
+    let output = tmp.path().join("out.safetensors");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_derma"))
+        .args(["forward", "--weights", weights.to_str().unwrap(), "--input", input.to_str().unwrap()])
+        .args(["--output", output.to_str().unwrap(), "--device", "cpu"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("`images` holds 3072 NaN or infinite values"), "{stderr}");
+    let logits = io::load_safetensors(&output).unwrap().0.get("logits").unwrap().to_f32_vec();
+    assert!(logits[..8].iter().all(|v| v.is_nan()), "the NaN image: {logits:?}");
+    assert!(logits[8..].iter().all(|v| v.is_finite()), "the finite image: {logits:?}");
 }
