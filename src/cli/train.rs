@@ -24,7 +24,8 @@ pub struct TrainArgs {
     #[arg(long, conflicts_with_all = ["config", "out"])]
     resume: Option<PathBuf>,
     /// Backbone weights: `imagenet` (torchvision's EfficientNet-B0 ImageNet weights, downloaded once into the
-    /// cache: see `derma weights fetch`), or a file (.pth, .safetensors, a seed or derma checkpoint).
+    /// cache: see `derma weights fetch`), or a file (.pth, .safetensors, a seed or derma checkpoint; a file
+    /// literally named `imagenet` is `./imagenet`).
     #[arg(long)]
     pretrained: Option<PathBuf>,
     /// Maximum number of epochs [config default: 100].

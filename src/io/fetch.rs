@@ -209,8 +209,8 @@ fn download(remote: &Remote, opts: &FetchOptions, dest: &Path) -> Result<()> {
     let partial = opts.cache_dir.join(format!("{}.partial", remote.file));
     let by_hand = || {
         format!(
-            "to install it by hand, download {url} (on any machine with network access) and put it at {}, or pass \
-             the file's path to --pretrained",
+            "To install it by hand, download {url} (on any machine with network access) and put it at {}, or pass \
+             the file's path to --pretrained.",
             dest.display()
         )
     };
@@ -219,7 +219,7 @@ fn download(remote: &Remote, opts: &FetchOptions, dest: &Path) -> Result<()> {
     loop {
         match transfer(&agent, &url, &partial, opts.progress) {
             Ok(()) => break,
-            Err(Stop::Fatal(e)) => return Err(e.context(by_hand())),
+            Err(Stop::Fatal(e)) => bail!("{e:#}\n{}", by_hand()),
             Err(Stop::Interrupted(why)) if attempt < opts.retries => {
                 attempt += 1;
                 let have = std::fs::metadata(&partial).map_or(0, |m| m.len());
@@ -233,8 +233,8 @@ fn download(remote: &Remote, opts: &FetchOptions, dest: &Path) -> Result<()> {
             }
             Err(Stop::Interrupted(why)) => {
                 bail!(
-                    "the download of {url} failed {} times, last: {why}; run the command again to resume it ({} \
-                     is kept), or {}",
+                    "the download of {url} failed {} times, last: {why}; running the command again resumes it from \
+                     {}\n{}",
                     opts.retries + 1,
                     partial.display(),
                     by_hand()
@@ -278,11 +278,10 @@ fn transfer(agent: &ureq::Agent, url: &str, partial: &Path, progress: bool) -> s
     if have > 0 {
         request = request.header("Range", format!("bytes={have}-"));
     }
+    // Failing before any response (no route, no name resolution, refused) means offline or a wrong URL, which
+    // retrying will not fix; a timeout may pass.
     let response = request.call().map_err(|e| match e {
         ureq::Error::Timeout(_) => Stop::Interrupted(format!("{e}")),
-        ureq::Error::Io(ref io) if !matches!(io.kind(), std::io::ErrorKind::ConnectionRefused) => {
-            Stop::Interrupted(format!("{e}"))
-        }
         _ => Stop::Fatal(anyhow!("cannot download {url}: {e} (is this machine offline?)")),
     })?;
     let status = response.status().as_u16();
