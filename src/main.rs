@@ -43,6 +43,10 @@ enum Command {
     /// Throughput benchmarks (images/s for inference and a training step).
     #[command(subcommand)]
     Bench(cli::bench::BenchCmd),
+    /// Pretrained weights: `derma weights fetch` downloads torchvision's ImageNet weights for `--pretrained
+    /// imagenet` ahead of time.
+    #[command(subcommand)]
+    Weights(cli::weights::WeightsCmd),
     /// Every CUDA kernel, the cuBLASLt GEMM and the cuDNN conv against the CPU reference (f32 and f16, forward and
     /// backward, fresh random inputs); exits non-zero on any mismatch or without a usable CUDA device.
     Check(derma::cuda::check::CheckArgs),
@@ -101,9 +105,10 @@ struct ForwardArgs {
     gamma: f64,
 }
 
+/// The model of any weight file: derma's training checkpoints (their optimizer moments set aside), the seed's
+/// checkpoints, torchvision state dicts and safetensors, through the one loader `eval` and `predict` use.
 fn load_model(path: &std::path::Path) -> Result<EfficientNet<f32>> {
-    let ckpt = io::load_checkpoint(path)?;
-    EfficientNet::from_state_dict(&ckpt.state_dict).with_context(|| format!("loading {}", path.display()))
+    Ok(derma::train::checkpoint::load(path)?.model)
 }
 
 fn run_forward(a: ForwardArgs) -> Result<()> {
@@ -113,6 +118,12 @@ fn run_forward(a: ForwardArgs) -> Result<()> {
     }
     let mut model = load_model(&a.weights)?;
     let inputs = io::load_safetensors(&a.input).with_context(|| format!("reading {}", a.input.display()))?.0;
+    for (name, count) in forward::non_finite_inputs(inputs.entries()) {
+        eprintln!(
+            "warning: {}: `{name}` holds {count} NaN or infinite values; they propagate to the outputs as in PyTorch",
+            a.input.display()
+        );
+    }
     let kind = match a.loss {
         LossArg::Focal => LossKind::Focal { gamma: a.gamma },
         LossArg::Ce => LossKind::CrossEntropy,
@@ -171,6 +182,7 @@ fn main() {
         Command::Predict(a) => cli::predict::run_predict(a),
         Command::Bench(c) => cli::bench::run_bench(c),
         Command::Check(a) => derma::cuda::check::run(&a),
+        Command::Weights(c) => cli::weights::run_weights(c),
     };
     if let Err(e) = result {
         // A decode stopped by Ctrl-C is no failure: its work is kept and the same command resumes it.

@@ -27,7 +27,9 @@ pub struct TrainArgs {
     /// Continue the run in this folder from its last checkpoint (the saved config is used).
     #[arg(long, conflicts_with_all = ["config", "out"])]
     resume: Option<PathBuf>,
-    /// torchvision EfficientNet-B0 ImageNet weights (.pth or .safetensors) for the backbone.
+    /// Backbone weights: `imagenet` (torchvision's EfficientNet-B0 ImageNet weights, downloaded once into the
+    /// cache: see `derma weights fetch`), or a file (.pth, .safetensors, a seed or derma checkpoint; a file
+    /// literally named `imagenet` is `./imagenet`).
     #[arg(long)]
     pretrained: Option<PathBuf>,
     /// Maximum number of epochs [config default: 100].
@@ -130,6 +132,9 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     }
     if let Some(p) = a.patience {
         cfg.early_stopping.patience = p;
+    }
+    if !resume && let Some(p) = &cfg.pretrained {
+        cfg.pretrained = Some(derma::io::fetch::resolve_pretrained(p)?);
     }
     cfg.validate()?;
     derma::data::check_image_side(cfg.image_size, "--image-size")?;
