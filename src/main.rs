@@ -102,7 +102,8 @@ struct ForwardArgs {
 }
 
 fn load_model(path: &std::path::Path) -> Result<EfficientNet<f32>> {
-    let ckpt = io::load_checkpoint(path)?;
+    // Verifies a derma checkpoint's checksums; other weight files load as they are.
+    let ckpt = derma::train::checkpoint::load_weights(path)?;
     EfficientNet::from_state_dict(&ckpt.state_dict).with_context(|| format!("loading {}", path.display()))
 }
 

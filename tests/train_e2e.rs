@@ -42,14 +42,80 @@ fn tiny_config(epochs: usize) -> TrainConfig {
 }
 
 fn train_run(config: TrainConfig, data: &Path, out: &Path) -> TrainRun {
-    TrainRun {
-        config,
-        data: data.to_path_buf(),
-        out: out.to_path_buf(),
-        resume: false,
-        quiet: true,
-        stop_after_steps: None,
+    TrainRun { quiet: true, ..TrainRun::new(config, data, out) }
+}
+
+/// Tiny settings where every key differs from its default (precision aside: the CPU trains in f32), so a resume
+/// that silently falls back to a default anywhere diverges. `pretrained` points at a B0 written here.
+fn every_setting_changed(dir: &Path) -> TrainConfig {
+    let pretrained = dir.join("imagenet-like.safetensors");
+    let b0 = derma::nn::EfficientNet::<f32>::new(
+        derma::nn::ModelConfig::b0(1000, derma::nn::HeadKind::Torchvision),
+        77,
+    );
+    derma::io::save_safetensors(&pretrained, &b0.state_dict(), None).unwrap();
+    let mut c = TrainConfig {
+        batch_size: 6,
+        epochs: 3,
+        lr: 3e-3,
+        weight_decay: 1e-3,
+        adam_beta1: 0.85,
+        adam_beta2: 0.99,
+        adam_eps: 1e-7,
+        loss: derma::train::config::LossKind::Ce,
+        focal_gamma: 1.5,
+        class_weighting: derma::train::config::ClassWeighting::Uniform,
+        class_weights: None,
+        image_size: 32,
+        val_fraction: 0.25,
+        seed: 11,
+        workers: Some(1),
+        device: DeviceRequest::Cpu,
+        bn_frozen_mode: derma::train::config::BnFrozenMode::Torch,
+        pretrained: Some(pretrained),
+        head_dropout1: 0.3,
+        head_dropout2: 0.15,
+        stochastic_depth: 0.35,
+        ..TrainConfig::default()
+    };
+    c.plateau.factor = 0.3;
+    c.plateau.patience = 0;
+    c.plateau.min_lr = 1e-4;
+    c.plateau.threshold = 1e-3;
+    c.plateau.cooldown = 1;
+    c.plateau.eps = 1e-9;
+    c.loss_scale.init_scale = 1024.0;
+    c.loss_scale.growth_factor = 3.0;
+    c.loss_scale.backoff_factor = 0.25;
+    c.loss_scale.growth_interval = 7;
+    c.early_stopping.patience = 4;
+    c.early_stopping.min_delta = 1e-3;
+    c.early_stopping.reset_on_stage_change = false;
+    c.unfreeze = UnfreezeSchedule::new(vec![
+        Stage { epoch: 0, frozen_blocks: 6, lr_multiplier: 1.0 },
+        Stage { epoch: 1, frozen_blocks: 2, lr_multiplier: 0.3 },
+        Stage { epoch: 2, frozen_blocks: 0, lr_multiplier: 0.7 },
+    ])
+    .unwrap();
+    c.validate().unwrap();
+    // Every key (every key of every table) differs from the defaults.
+    let (ours, defaults) = (serde_json::to_value(&c).unwrap(), serde_json::to_value(TrainConfig::default()).unwrap());
+    let default_keys = defaults.as_object().unwrap();
+    for (key, value) in ours.as_object().unwrap() {
+        if key == "precision" {
+            continue;
+        }
+        match (value.as_object(), default_keys.get(key)) {
+            (Some(table), Some(d)) => {
+                for (k, v) in table {
+                    let same = d.get(k) == Some(v) && !(key == "plateau" && k == "mode");
+                    assert!(!same, "{key}.{k} is at its default");
+                }
+            }
+            (_, d) => assert_ne!(d, Some(value), "{key} is at its default"),
+        }
     }
+    c
 }
 
 fn prepared(data: &Path, cfg: &TrainConfig) -> Arc<data::PreparedData> {
@@ -107,7 +173,7 @@ fn end_to_end_run_writes_every_file_and_the_best_checkpoint_reproduces_its_score
     let history = History::load_json(&out.join("history.json")).unwrap();
     assert_eq!(history.epochs.len(), 3);
     for (e, r) in history.epochs.iter().enumerate() {
-        assert_eq!(r.epoch, e);
+        assert_eq!(r.epoch, e + 1, "epochs count from 1");
         assert_finite(r);
     }
     // The schedule: 5 frozen blocks in epoch 0, then none at half rate.
@@ -115,7 +181,7 @@ fn end_to_end_run_writes_every_file_and_the_best_checkpoint_reproduces_its_score
     assert_eq!(history.epochs.iter().map(|r| r.lr_multiplier).collect::<Vec<_>>(), [1.0, 0.5, 0.5]);
     let csv = std::fs::read_to_string(out.join("history.csv")).unwrap();
     assert_eq!(csv.lines().count(), 4, "header + one row per epoch:\n{csv}");
-    assert_eq!(outcome.last.as_ref().map(|r| r.epoch), Some(2));
+    assert_eq!(outcome.last.as_ref().map(|r| r.epoch), Some(3));
     let best_acc = history.epochs.iter().map(|r| r.val_acc).fold(f64::MIN, f64::max);
     assert_eq!(outcome.best_val_acc, Some(best_acc));
 
@@ -182,24 +248,70 @@ fn history_numbers(s: &TrainState) -> Vec<[f64; 9]> {
         .collect()
 }
 
+/// Asserts two finished runs hold bitwise the same checkpoints (every tensor: weights, BN statistics, optimizer
+/// moments), training state and history (every value but wall-clock times), in the checkpoints and on disk.
+fn assert_same_run(dir_a: &Path, dir_b: &Path) {
+    for file in ["last.safetensors", "best.safetensors"] {
+        let (ta, tb) = (tensors_bits(&dir_a.join(file)), tensors_bits(&dir_b.join(file)));
+        assert_eq!(ta.len(), tb.len(), "{file}");
+        assert!(ta.iter().any(|(n, ..)| n.starts_with("optimizer.exp_avg.")), "no optimizer moments saved");
+        assert!(ta.iter().any(|(n, ..)| n.starts_with("optimizer.exp_avg_sq.")), "no optimizer moments saved");
+        assert!(ta.iter().any(|(n, ..)| n.ends_with("running_var")), "no BN statistics saved");
+        for ((na, sa, va), (nb, sb, vb)) in ta.iter().zip(&tb) {
+            assert_eq!(na, nb, "{file}");
+            assert_eq!(sa, sb, "{file} {na}");
+            let diff = va.iter().zip(vb).filter(|(x, y)| x != y).count();
+            assert_eq!(diff, 0, "{file} {na}: {diff} of {} values differ", va.len());
+        }
+        let sa = checkpoint::load(&dir_a.join(file)).unwrap().state.unwrap();
+        let sb = checkpoint::load(&dir_b.join(file)).unwrap().state.unwrap();
+        assert_eq!(history_numbers(&sa), history_numbers(&sb), "{file}");
+        assert_eq!(sa.adam_steps, sb.adam_steps);
+        assert_eq!(sa.epoch, sb.epoch);
+        let (pa, pb) = (&sa.progress, &sb.progress);
+        assert_eq!((pa.step, pa.loss_sum.to_bits(), pa.correct, pa.seen), (pb.step, pb.loss_sum.to_bits(), pb.correct, pb.seen));
+        assert_eq!(sa.scaler, sb.scaler);
+        assert_eq!(sa.plateau, sb.plateau);
+        assert_eq!(sa.early, sb.early);
+        assert_eq!(sa.best_val_acc.map(f64::to_bits), sb.best_val_acc.map(f64::to_bits));
+        assert_eq!(sa.class_weights, sb.class_weights);
+    }
+    let (ha, hb) = (
+        History::load_json(&dir_a.join("history.json")).unwrap(),
+        History::load_json(&dir_b.join("history.json")).unwrap(),
+    );
+    assert_eq!(ha.epochs.len(), hb.epochs.len());
+    let bits = |r: &EpochRecord| {
+        [r.train_loss, r.train_acc, r.val_loss, r.val_acc, r.val_balanced_acc, r.lr_multiplier, r.lr, r.loss_scale]
+            .map(f64::to_bits)
+    };
+    for (x, y) in ha.epochs.iter().zip(&hb.epochs) {
+        assert_eq!((x.epoch, x.frozen_layers, bits(x)), (y.epoch, y.frozen_layers, bits(y)));
+    }
+}
+
 #[test]
 fn interrupted_and_resumed_run_is_bitwise_the_uninterrupted_one() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synth_data(tmp.path(), 5);
-    let cfg = tiny_config(2);
+    let cfg = every_setting_changed(tmp.path());
     let steps_per_epoch = prepared(&data, &cfg).train.len() / cfg.batch_size;
     assert!(steps_per_epoch >= 4, "{steps_per_epoch} steps per epoch");
 
     let dir_a = tmp.path().join("a");
     let a = trainer::run(&train_run(cfg.clone(), &data, &dir_a)).unwrap();
     assert!(!a.interrupted);
-    assert_eq!(a.epochs_completed, 2);
+    assert_eq!(a.epochs_completed, 3);
+    let history = History::load_json(&dir_a.join("history.json")).unwrap();
+    assert_eq!(history.epochs.iter().map(|r| r.epoch).collect::<Vec<_>>(), [1, 2, 3], "epochs count from 1");
+    assert_eq!(history.epochs.iter().map(|r| r.frozen_layers).collect::<Vec<_>>(), [6, 2, 0]);
 
-    // Interrupted in the middle of epoch 1 (after the unfreezing transition).
+    // Interrupted in the middle of epoch 2 (after the first unfreezing transition), then right after the last
+    // step of epoch 2 (before its validation), each time resumed in a new `trainer::run` with another worker
+    // count.
     let dir_b = tmp.path().join("b");
-    let stop = steps_per_epoch + steps_per_epoch / 2;
     let mut run_b = train_run(cfg.clone(), &data, &dir_b);
-    run_b.stop_after_steps = Some(stop);
+    run_b.stop_after_steps = Some(steps_per_epoch + steps_per_epoch / 2);
     let b1 = trainer::run(&run_b).unwrap();
     assert!(b1.interrupted);
     assert_eq!(b1.epochs_completed, 1);
@@ -207,45 +319,55 @@ fn interrupted_and_resumed_run_is_bitwise_the_uninterrupted_one() {
     assert_eq!((mid.epoch, mid.progress.step), (1, steps_per_epoch / 2));
     assert_eq!(mid.history.epochs.len(), 1);
 
-    run_b.stop_after_steps = None;
     run_b.resume = true;
+    run_b.config.workers = Some(2);
+    run_b.stop_after_steps = Some(steps_per_epoch - steps_per_epoch / 2);
+    assert!(trainer::run(&run_b).unwrap().interrupted);
+    let end = checkpoint::load(&dir_b.join("last.safetensors")).unwrap().state.unwrap();
+    assert_eq!((end.epoch, end.progress.step), (1, steps_per_epoch));
+
+    run_b.stop_after_steps = None;
+    run_b.config.workers = Some(3);
     let b2 = trainer::run(&run_b).unwrap();
     assert!(!b2.interrupted);
-    assert_eq!(b2.epochs_completed, 2);
+    assert_eq!(b2.epochs_completed, 3);
+    assert_same_run(&dir_a, &dir_b);
+}
 
-    let (ta, tb) = (tensors_bits(&dir_a.join("last.safetensors")), tensors_bits(&dir_b.join("last.safetensors")));
-    assert_eq!(ta.len(), tb.len());
-    assert!(ta.iter().any(|(n, ..)| n.starts_with("optimizer.exp_avg.")), "no optimizer moments saved");
-    assert!(ta.iter().any(|(n, ..)| n.starts_with("optimizer.exp_avg_sq.")), "no optimizer moments saved");
-    for ((na, sa, va), (nb, sb, vb)) in ta.iter().zip(&tb) {
-        assert_eq!(na, nb);
-        assert_eq!(sa, sb, "{na}");
-        let diff = va.iter().zip(vb).filter(|(x, y)| x != y).count();
-        assert_eq!(diff, 0, "{na}: {diff} of {} values differ", va.len());
-    }
+#[test]
+fn resume_refuses_changed_settings_and_a_used_folder_is_not_overwritten() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(tmp.path(), 6);
+    let cfg = tiny_config(1);
+    let dir = tmp.path().join("run");
+    let mut run = train_run(cfg.clone(), &data, &dir);
+    run.stop_after_steps = Some(2);
+    assert!(trainer::run(&run).unwrap().interrupted);
+    let before = std::fs::read(dir.join("last.safetensors")).unwrap();
 
-    let sa = checkpoint::load(&dir_a.join("last.safetensors")).unwrap().state.unwrap();
-    let sb = checkpoint::load(&dir_b.join("last.safetensors")).unwrap().state.unwrap();
-    assert_eq!(history_numbers(&sa), history_numbers(&sb));
-    assert_eq!(sa.adam_steps, sb.adam_steps);
-    assert_eq!((sa.epoch, &sa.progress), (sb.epoch, &sb.progress));
-    assert_eq!(sa.scaler, sb.scaler);
-    assert_eq!(sa.plateau, sb.plateau);
-    assert_eq!(sa.early, sb.early);
-    assert_eq!(sa.best_val_acc, sb.best_val_acc);
-    assert_eq!(sa.class_weights, sb.class_weights);
-    // The history files on disk agree too.
-    let (ha, hb) = (
-        History::load_json(&dir_a.join("history.json")).unwrap(),
-        History::load_json(&dir_b.join("history.json")).unwrap(),
-    );
-    assert_eq!(ha.epochs.len(), 2);
-    for (x, y) in ha.epochs.iter().zip(&hb.epochs) {
-        assert_eq!(
-            (x.train_loss, x.train_acc, x.val_loss, x.val_acc),
-            (y.train_loss, y.train_acc, y.val_loss, y.val_acc)
-        );
-    }
+    // Without --resume a folder holding a run is refused and left as it was.
+    run.stop_after_steps = None;
+    let e = err_text(trainer::run(&run));
+    assert!(e.contains("already holds a run") && e.contains("--resume") && e.contains("--overwrite"), "{e}");
+    assert_eq!(std::fs::read(dir.join("last.safetensors")).unwrap(), before);
+
+    // A resume with a setting that changes the result is refused, naming it.
+    run.resume = true;
+    run.config.image_size = 64;
+    run.config.head_dropout2 = 0.1;
+    let e = err_text(trainer::run(&run));
+    assert!(e.contains("head_dropout2") && e.contains("image_size"), "{e}");
+    assert_eq!(std::fs::read(dir.join("last.safetensors")).unwrap(), before);
+
+    // --overwrite starts afresh: the old run's files are gone, the new run's are there.
+    run.resume = false;
+    run.overwrite = true;
+    run.config = cfg.clone();
+    run.config.seed = 99;
+    let o = trainer::run(&run).unwrap();
+    assert_eq!(o.epochs_completed, 1);
+    assert_eq!(TrainConfig::load(&dir.join("config.toml")).unwrap().seed, 99);
+    assert_eq!(checkpoint::load(&dir.join("last.safetensors")).unwrap().config.unwrap().seed, 99);
 }
 
 fn err_text<T>(r: anyhow::Result<T>) -> String {
