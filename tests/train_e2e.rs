@@ -49,10 +49,8 @@ fn train_run(config: TrainConfig, data: &Path, out: &Path) -> TrainRun {
 /// that silently falls back to a default anywhere diverges. `pretrained` points at a B0 written here.
 fn every_setting_changed(dir: &Path) -> TrainConfig {
     let pretrained = dir.join("imagenet-like.safetensors");
-    let b0 = derma::nn::EfficientNet::<f32>::new(
-        derma::nn::ModelConfig::b0(1000, derma::nn::HeadKind::Torchvision),
-        77,
-    );
+    let b0 =
+        derma::nn::EfficientNet::<f32>::new(derma::nn::ModelConfig::b0(1000, derma::nn::HeadKind::Torchvision), 77);
     derma::io::save_safetensors(&pretrained, &b0.state_dict(), None).unwrap();
     let mut c = TrainConfig {
         batch_size: 6,
@@ -269,7 +267,10 @@ fn assert_same_run(dir_a: &Path, dir_b: &Path) {
         assert_eq!(sa.adam_steps, sb.adam_steps);
         assert_eq!(sa.epoch, sb.epoch);
         let (pa, pb) = (&sa.progress, &sb.progress);
-        assert_eq!((pa.step, pa.loss_sum.to_bits(), pa.correct, pa.seen), (pb.step, pb.loss_sum.to_bits(), pb.correct, pb.seen));
+        assert_eq!(
+            (pa.step, pa.loss_sum.to_bits(), pa.correct, pa.seen),
+            (pb.step, pb.loss_sum.to_bits(), pb.correct, pb.seen)
+        );
         assert_eq!(sa.scaler, sb.scaler);
         assert_eq!(sa.plateau, sb.plateau);
         assert_eq!(sa.early, sb.early);
@@ -402,4 +403,261 @@ fn bad_input_stops_with_a_clear_error() {
     let e = err_text(TrainConfig::load(&toml));
     assert!(e.contains("batch_sise") && e.contains("unknown field"), "{e}");
     assert!(e.contains("bad.toml"), "{e}");
+}
+
+// ---- The `derma train` process: signals, exit codes, run folders, damaged checkpoints, divergence. ----
+
+fn derma() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_derma"));
+    c.stdin(std::process::Stdio::null());
+    c
+}
+
+/// Runs `derma ARGS` to the end: (exit code, stderr).
+fn derma_run(args: &[&str], cwd: &Path) -> (Option<i32>, String) {
+    let out = derma().args(args).current_dir(cwd).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Starts `derma ARGS` and reads its stderr until a test hook holds it; returns the child and what it printed.
+// The child is returned to the caller, which signals and waits on it.
+#[allow(clippy::zombie_processes)]
+fn derma_until_hold(args: &[&str]) -> (std::process::Child, String, std::io::BufReader<std::process::ChildStderr>) {
+    use std::io::BufRead;
+    let mut child = derma().args(args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut reader = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut text = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            let status = child.wait().unwrap();
+            panic!("derma ended ({status}) before holding:\n{text}");
+        }
+        text.push_str(&line);
+        if line.contains(trainer::HOLD_MARKER) {
+            return (child, text, reader);
+        }
+    }
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn sigterm_mid_epoch_and_sigkill_at_an_epoch_boundary_then_resume_is_bitwise_the_uninterrupted_run() {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(tmp.path(), 8);
+    // Non-default settings again (focal loss with another gamma, torch-mode BN, other dropout and depth drop).
+    let mut cfg = tiny_config(2);
+    cfg.batch_size = 6;
+    cfg.seed = 23;
+    cfg.focal_gamma = 1.25;
+    cfg.head_dropout1 = 0.2;
+    cfg.head_dropout2 = 0.35;
+    cfg.stochastic_depth = 0.3;
+    cfg.bn_frozen_mode = derma::train::config::BnFrozenMode::Torch;
+    cfg.plateau.patience = 0;
+    let toml = tmp.path().join("run.toml");
+    cfg.save(&toml).unwrap();
+    let steps_per_epoch = prepared(&data, &cfg).train.len() / cfg.batch_size;
+    assert!(steps_per_epoch >= 4);
+
+    // The uninterrupted run, three epochs.
+    let dir_a = tmp.path().join("a");
+    let mut full = cfg.clone();
+    full.epochs = 3;
+    assert_eq!(trainer::run(&train_run(full.clone(), &data, &dir_a)).unwrap().epochs_completed, 3);
+
+    // SIGTERM in the middle of epoch 2: progress saved, exit 130, a resume command that works as printed.
+    let dir_b = tmp.path().join("b");
+    let hold_at = (steps_per_epoch + 2).to_string();
+    let args = ["train", "--data", path_str(&data), "--out", path_str(&dir_b), "--config", path_str(&toml)];
+    let (mut child, _, mut rest) =
+        derma_until_hold(&[&args[..], &["--quiet", "--hold-after-steps", &hold_at]].concat());
+    let kill = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let mut tail = String::new();
+    rest.read_to_string(&mut tail).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(130), "{tail}");
+    let mid = checkpoint::load(&dir_b.join("last.safetensors")).unwrap().state.unwrap();
+    assert_eq!((mid.epoch, mid.progress.step), (1, 2), "saved mid-epoch");
+    let hint = tail.lines().find_map(|l| l.split_once("continue with: ").map(|x| x.1.to_string()));
+    let hint = hint.unwrap_or_else(|| panic!("no resume command in:\n{tail}"));
+    assert_eq!(hint, format!("derma train --resume {}", dir_b.display()));
+
+    // The printed command (extended to 3 epochs, with other workers), killed with SIGKILL right after the
+    // checkpoint of epoch 2 is written.
+    let resume: Vec<&str> = hint.split_whitespace().skip(1).collect();
+    let extra = ["--epochs", "3", "--workers", "2", "--quiet", "--hold-after-epochs", "2"];
+    let (mut child, _, _) = derma_until_hold(&[&resume[..], &extra[..]].concat());
+    child.kill().unwrap();
+    assert_eq!(child.wait().unwrap().signal(), Some(9));
+    assert_eq!(checkpoint::load(&dir_b.join("last.safetensors")).unwrap().state.unwrap().epoch, 2);
+
+    // Resumed from that last.safetensors, to the end.
+    let (code, err) = derma_run(&[&resume[..], &["--quiet"]].concat(), tmp.path());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("done: 3 epochs"), "{err}");
+    // The saved settings: the uninterrupted run's, with the extension and the last worker count.
+    assert_eq!(TrainConfig::load(&dir_b.join("config.toml")).unwrap(), TrainConfig { workers: Some(2), ..full });
+    assert_same_run(&dir_a, &dir_b);
+}
+
+#[test]
+fn run_folders_are_never_overwritten_and_resume_refuses_changed_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(tmp.path(), 9);
+    let toml = tmp.path().join("tiny.toml");
+    tiny_config(1).save(&toml).unwrap();
+    let run = tmp.path().join("run");
+    let base = ["train", "--data", path_str(&data), "--config", path_str(&toml), "--quiet"];
+    let with_out = [&base[..], &["--out", path_str(&run)]].concat();
+    let (code, err) = derma_run(&with_out, tmp.path());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("done: 1 epoch,"), "{err}");
+    let (last, config) = (std::fs::read(run.join("last.safetensors")).unwrap(), std::fs::read(run.join("config.toml")));
+
+    // The same --out again: refused, nothing touched.
+    let (code, err) = derma_run(&with_out, tmp.path());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("already holds a run") && err.contains("--resume") && err.contains("--overwrite"), "{err}");
+    assert_eq!(std::fs::read(run.join("last.safetensors")).unwrap(), last);
+
+    // --resume with a setting that would change the result: refused naming the flag, config.toml unchanged.
+    for (flag, value) in [("--image-size", "64"), ("--batch-size", "4"), ("--lr", "0.1"), ("--seed", "3")] {
+        let (code, err) = derma_run(&["train", "--resume", path_str(&run), flag, value], tmp.path());
+        assert_eq!(code, Some(1), "{flag}: {err}");
+        assert!(err.contains(flag) && err.contains("--resume"), "{flag}: {err}");
+        assert_eq!(std::fs::read(run.join("config.toml")).unwrap(), config.as_ref().unwrap().clone());
+    }
+    // Extending, with other workers, needs neither --data nor anything else.
+    let (code, err) =
+        derma_run(&["train", "--resume", path_str(&run), "--epochs", "2", "--workers", "2", "--quiet"], tmp.path());
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(History::load_json(&run.join("history.json")).unwrap().epochs.len(), 2);
+    // --overwrite replaces it.
+    let (code, err) = derma_run(&[&with_out[..], &["--overwrite", "--seed", "5"]].concat(), tmp.path());
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(History::load_json(&run.join("history.json")).unwrap().epochs.len(), 1);
+
+    // Default folders: two runs get two folders, runs/latest is the second.
+    let stop = [&base[..], &["--stop-after-steps", "1"]].concat();
+    let (c1, e1) = derma_run(&stop, tmp.path());
+    let (c2, e2) = derma_run(&stop, tmp.path());
+    assert_eq!((c1, c2), (Some(130), Some(130)), "{e1}\n{e2}");
+    let runs = tmp.path().join("runs");
+    let mut dirs: Vec<_> = std::fs::read_dir(&runs).unwrap().map(|e| e.unwrap().file_name()).collect();
+    dirs.sort();
+    assert_eq!(dirs.len(), 3, "two runs and latest: {dirs:?}");
+    assert!(dirs.iter().all(|d| d == "latest" || d.to_string_lossy().starts_with("run-")), "{dirs:?}");
+    let second = e2.lines().find_map(|l| l.split_once("--resume ").map(|x| PathBuf::from(x.1))).unwrap();
+    assert_eq!(
+        std::fs::canonicalize(runs.join("latest")).unwrap(),
+        std::fs::canonicalize(tmp.path().join(&second)).unwrap()
+    );
+    assert!(runs.join("latest").join("last.safetensors").is_file());
+}
+
+/// The byte range of tensor `name`'s data in a safetensors file.
+fn tensor_bytes(file: &[u8], name: &str) -> std::ops::Range<usize> {
+    let n = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&file[8..8 + n]).unwrap();
+    let off = &header[name]["data_offsets"];
+    (8 + n + off[0].as_u64().unwrap() as usize)..(8 + n + off[1].as_u64().unwrap() as usize)
+}
+
+#[test]
+fn damaged_checkpoints_are_refused_naming_the_file_and_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(tmp.path(), 10);
+    let run = tmp.path().join("run");
+    let mut r = train_run(tiny_config(1), &data, &run);
+    r.stop_after_steps = Some(3);
+    assert!(trainer::run(&r).unwrap().interrupted);
+    let last = run.join("last.safetensors");
+    let good = std::fs::read(&last).unwrap();
+    checkpoint::load(&last).unwrap();
+
+    // One flipped bit inside a weight tensor.
+    let name = "features.4.0.block.1.0.weight";
+    let mut bad = good.clone();
+    let range = tensor_bytes(&bad, name);
+    bad[range.start + range.len() / 2] ^= 0x10;
+    std::fs::write(&last, &bad).unwrap();
+    let e = err_text(checkpoint::load(&last));
+    assert!(e.contains(path_str(&last)) && e.contains(name) && e.contains("checksum"), "{e}");
+    r.resume = true;
+    r.stop_after_steps = None;
+    let e = err_text(trainer::run(&r));
+    assert!(e.contains(name) && e.contains("checksum"), "{e}");
+    let (code, err) = derma_run(&["eval", "--checkpoint", path_str(&last), "--data", path_str(&data)], tmp.path());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(name) && err.contains(path_str(&last)), "{err}");
+    let (code, err) = derma_run(&["train", "--resume", path_str(&run)], tmp.path());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(name), "{err}");
+    let out = tmp.path().join("export.safetensors");
+    let (code, err) =
+        derma_run(&["model", "export", "--weights", path_str(&last), "--out", path_str(&out)], tmp.path());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(name), "{err}");
+
+    // An optimizer moment.
+    let mut bad = good.clone();
+    let moment = "optimizer.exp_avg.classifier.5.weight";
+    let range = tensor_bytes(&bad, moment);
+    bad[range.end - 1] ^= 0x01;
+    std::fs::write(&last, &bad).unwrap();
+    assert!(err_text(checkpoint::load(&last)).contains(moment));
+
+    // A digit of the training state in the metadata (still valid JSON, a different number).
+    let mut bad = good.clone();
+    let key = b"\\\"loss_sum\\\":";
+    let at = bad.windows(key.len()).position(|w| w == key).expect("loss_sum in the header") + key.len();
+    let digit = (at..at + 8).find(|&i| bad[i].is_ascii_digit() && bad[i] != b'0').unwrap();
+    bad[digit] = if bad[digit] == b'9' { b'8' } else { bad[digit] + 1 };
+    std::fs::write(&last, &bad).unwrap();
+    let e = err_text(checkpoint::load(&last));
+    assert!(e.contains("metadata") && e.contains("checksum"), "{e}");
+
+    // A checkpoint written before checksums (the two keys removed) still loads, with a warning.
+    let (sd, mut meta) = load_safetensors(&{
+        std::fs::write(&last, &good).unwrap();
+        last.clone()
+    })
+    .unwrap();
+    meta.remove("derma.checksums");
+    meta.remove("derma.metadata_crc32");
+    derma::io::save_safetensors(&last, &sd, Some(meta)).unwrap();
+    let loaded = checkpoint::load(&last).unwrap();
+    assert_eq!(loaded.state.unwrap().progress.step, 3);
+}
+
+#[test]
+fn a_diverging_run_stops_at_the_first_non_finite_value_naming_epoch_and_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(tmp.path(), 11);
+    let toml = tmp.path().join("tiny.toml");
+    tiny_config(2).save(&toml).unwrap();
+    let run = tmp.path().join("run");
+    let args = ["train", "--data", path_str(&data), "--config", path_str(&toml), "--out", path_str(&run), "--quiet"];
+    let (code, err) = derma_run(&[&args[..], &["--lr", "1e6"]].concat(), tmp.path());
+    assert_eq!(code, Some(1), "{err}");
+    let line = err.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("no error line:\n{err}"));
+    assert!(line.contains("diverged in epoch ") && line.contains(" at step ") && line.contains("--lr"), "{line}");
+    assert!(!line.contains("probability"), "{line}");
+}
+
+#[test]
+fn train_help_names_the_default_run_folder_as_it_is_made() {
+    let (code, text) = {
+        let out = derma().args(["train", "--help"]).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    assert_eq!(code, Some(0));
+    assert!(text.contains("runs/run-<UTC time>") && text.contains("runs/latest"), "{text}");
+    assert!(!text.contains("runs/<time>"), "{text}");
 }

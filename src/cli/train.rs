@@ -188,10 +188,7 @@ fn resume_setup(a: &TrainArgs, dir: &Path) -> Result<(TrainConfig, PathBuf, Opti
         (Some(d), None) => (d.clone(), None),
         (_, Some(s)) => {
             if !s.data.exists() {
-                bail!(
-                    "the run's data folder {} no longer exists: pass its new place with --data",
-                    s.data.display()
-                );
+                bail!("the run's data folder {} no longer exists: pass its new place with --data", s.data.display());
             }
             let cache = s.cache.exists().then_some(s.cache);
             (s.data, cache)
