@@ -396,6 +396,12 @@ fn bad_input_stops_with_a_clear_error() {
     let e = err_text(trainer::run(&train_run(cfg, &data, &tmp.path().join("r2"))));
     assert!(e.contains("fewer than one batch of 500") && e.contains("--batch-size"), "{e}");
     assert!(!tmp.path().join("r2").join("last.safetensors").exists());
+    // Nothing was trained, so the folder may be used again with a batch that fits.
+    let mut cfg = tiny_config(1);
+    cfg.batch_size = 16;
+    let mut again = train_run(cfg, &data, &tmp.path().join("r2"));
+    again.stop_after_steps = Some(1);
+    assert!(trainer::run(&again).unwrap().interrupted);
 
     // A config with a misspelt key.
     let toml = tmp.path().join("bad.toml");

@@ -12,9 +12,9 @@ use super::history::write_atomic;
 /// The file that records the run's data source.
 pub const SOURCE_FILE: &str = "run.toml";
 
-/// Files whose presence means a folder already holds a run.
-const MARKERS: [&str; 6] =
-    ["config.toml", "last.safetensors", "best.safetensors", "history.json", "history.csv", SOURCE_FILE];
+/// Files whose presence means a folder holds a run worth keeping: a checkpoint or a history. A folder with only a
+/// config (a run that failed before its first save) may be reused.
+const MARKERS: [&str; 4] = ["last.safetensors", "best.safetensors", "history.json", "history.csv"];
 
 /// Everything a run writes (removed by [`clear`] before a run overwrites a folder).
 const RUN_FILES: [&str; 12] = [
@@ -32,7 +32,7 @@ const RUN_FILES: [&str; 12] = [
     "f1_per_class.png",
 ];
 
-/// Whether `dir` holds (part of) a run: a checkpoint, a history, a config or a source file.
+/// Whether `dir` holds (part of) a run: a checkpoint or a history.
 pub fn holds_run(dir: &Path) -> bool {
     MARKERS.iter().any(|f| dir.join(f).exists())
 }
@@ -45,7 +45,7 @@ pub fn claim(dir: &Path, overwrite: bool) -> Result<()> {
     }
     if !overwrite {
         bail!(
-            "{} already holds a run (config, checkpoints or history): continue it with `derma train --resume {}`, \
+            "{} already holds a run (checkpoints or history): continue it with `derma train --resume {}`, \
              pick another --out, or pass --overwrite to replace it",
             dir.display(),
             dir.display()
