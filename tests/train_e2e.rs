@@ -450,23 +450,17 @@ fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+#[cfg(unix)]
 #[test]
 fn sigterm_mid_epoch_and_sigkill_at_an_epoch_boundary_then_resume_is_bitwise_the_uninterrupted_run() {
     use std::io::Read;
     use std::os::unix::process::ExitStatusExt;
     let tmp = tempfile::tempdir().unwrap();
     let data = synth_data(tmp.path(), 8);
-    // Non-default settings again (focal loss with another gamma, torch-mode BN, other dropout and depth drop).
-    let mut cfg = tiny_config(2);
-    cfg.batch_size = 6;
-    cfg.seed = 23;
-    cfg.focal_gamma = 1.25;
-    cfg.head_dropout1 = 0.2;
-    cfg.head_dropout2 = 0.35;
-    cfg.stochastic_depth = 0.3;
-    cfg.bn_frozen_mode = derma::train::config::BnFrozenMode::Torch;
-    cfg.plateau.patience = 0;
-    let toml = tmp.path().join("run.toml");
+    // Every setting off its default, two epochs (extended to three on resume).
+    let mut cfg = every_setting_changed(tmp.path());
+    cfg.epochs = 2;
+    let toml = tmp.path().join("settings.toml");
     cfg.save(&toml).unwrap();
     let steps_per_epoch = prepared(&data, &cfg).train.len() / cfg.batch_size;
     assert!(steps_per_epoch >= 4);
