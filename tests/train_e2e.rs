@@ -506,6 +506,25 @@ fn sigterm_mid_epoch_and_sigkill_at_an_epoch_boundary_then_resume_is_bitwise_the
     assert_same_run(&dir_a, &dir_b);
 }
 
+#[cfg(unix)]
+#[test]
+fn sigterm_between_epochs_stops_at_the_boundary_with_exit_130() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(tmp.path(), 12);
+    let toml = tmp.path().join("tiny.toml");
+    tiny_config(3).save(&toml).unwrap();
+    let run = tmp.path().join("run");
+    let args = ["train", "--data", path_str(&data), "--config", path_str(&toml), "--out", path_str(&run)];
+    let (mut child, _, rest) = derma_until_hold(&[&args[..], &["--quiet", "--hold-after-epochs", "1"]].concat());
+    let kill = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let tail = std::io::read_to_string(rest).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(130), "{tail}");
+    assert!(tail.contains("after 1 complete epoch (progress saved)"), "{tail}");
+    let state = checkpoint::load(&run.join("last.safetensors")).unwrap().state.unwrap();
+    assert_eq!((state.epoch, state.progress.step, state.history.epochs.len()), (1, 0, 1));
+}
+
 #[test]
 fn run_folders_are_never_overwritten_and_resume_refuses_changed_settings() {
     let tmp = tempfile::tempdir().unwrap();
