@@ -20,6 +20,8 @@ struct Cli {
     command: Command,
 }
 
+// One value per process, parsed once: the size difference between variants costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Inspect or convert models.

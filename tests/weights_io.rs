@@ -19,6 +19,17 @@ fn ok(out: Output, what: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// A `train --stop-after-steps` run: it stops as an interruption does, saving and exiting 130.
+fn stopped(out: Output, what: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(derma::interrupt::EXIT_INTERRUPTED),
+        "{what} failed ({}):\n{stderr}",
+        out.status
+    );
+}
+
 fn failed(out: Output, what: &str) -> String {
     assert!(!out.status.success(), "{what} should fail but succeeded");
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -41,7 +52,7 @@ fn trained() -> &'static (PathBuf, PathBuf) {
         let _ = std::fs::remove_dir_all(&root);
         let (data, run) = (root.join("data"), root.join("run"));
         ok(derma(&["synth", "--out", s(&data), "--n", "40", "--size", "48x40"]), "synth");
-        ok(derma(&train_args(&data, &run, None)), "train");
+        stopped(derma(&train_args(&data, &run, None)), "train");
         let ckpt = run.join("last.safetensors");
         assert!(ckpt.is_file(), "the stopped run wrote no last.safetensors");
         (data, ckpt)
@@ -134,7 +145,7 @@ fn every_command_takes_a_derma_training_checkpoint() {
 
     // train --pretrained: the checkpoint's backbone.
     let run = tmp.path().join("run2");
-    ok(derma(&train_args(data, &run, Some(ckpt))), "train --pretrained <derma checkpoint>");
+    stopped(derma(&train_args(data, &run, Some(ckpt))), "train --pretrained <derma checkpoint>");
 }
 
 /// `bytes` as a zip with `entry`'s content replaced by `f(content)` (other entries copied, stored uncompressed as
