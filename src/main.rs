@@ -20,6 +20,8 @@ struct Cli {
     command: Command,
 }
 
+// One value per process, parsed once: the size difference between variants costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Inspect or convert models.
@@ -43,6 +45,10 @@ enum Command {
     /// Throughput benchmarks (images/s for inference and a training step).
     #[command(subcommand)]
     Bench(cli::bench::BenchCmd),
+    /// Pretrained weights: `derma weights fetch` downloads torchvision's ImageNet weights for `--pretrained
+    /// imagenet` ahead of time.
+    #[command(subcommand)]
+    Weights(cli::weights::WeightsCmd),
     /// Every CUDA kernel, the cuBLASLt GEMM and the cuDNN conv against the CPU reference (f32 and f16, forward and
     /// backward, fresh random inputs) on a GPU or, with --device emu, on the emulated device; exits non-zero on any
     /// mismatch or without a usable device.
@@ -102,9 +108,10 @@ struct ForwardArgs {
     gamma: f64,
 }
 
+/// The model of any weight file: derma's training checkpoints (their optimizer moments set aside), the seed's
+/// checkpoints, torchvision state dicts and safetensors, through the one loader `eval` and `predict` use.
 fn load_model(path: &std::path::Path) -> Result<EfficientNet<f32>> {
-    let ckpt = io::load_checkpoint(path)?;
-    EfficientNet::from_state_dict(&ckpt.state_dict).with_context(|| format!("loading {}", path.display()))
+    Ok(derma::train::checkpoint::load(path)?.model)
 }
 
 fn run_forward(a: ForwardArgs) -> Result<()> {
@@ -114,6 +121,12 @@ fn run_forward(a: ForwardArgs) -> Result<()> {
     }
     let mut model = load_model(&a.weights)?;
     let inputs = io::load_safetensors(&a.input).with_context(|| format!("reading {}", a.input.display()))?.0;
+    for (name, count) in forward::non_finite_inputs(inputs.entries()) {
+        eprintln!(
+            "warning: {}: `{name}` holds {count} NaN or infinite values; they propagate to the outputs as in PyTorch",
+            a.input.display()
+        );
+    }
     let kind = match a.loss {
         LossArg::Focal => LossKind::Focal { gamma: a.gamma },
         LossArg::Ce => LossKind::CrossEntropy,
@@ -127,7 +140,9 @@ fn run_forward(a: ForwardArgs) -> Result<()> {
 fn run_model(cmd: ModelCmd) -> Result<()> {
     match cmd {
         ModelCmd::Summary(a) => {
-            let m = EfficientNet::<f32>::new(ModelConfig::variant(a.variant, a.classes, a.head), 0);
+            let cfg = ModelConfig::variant(a.variant, a.classes, a.head);
+            check_summary_size(&a, &cfg)?;
+            let m = EfficientNet::<f32>::new(cfg, 0);
             let s = summarize(&m, a.size);
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
@@ -146,6 +161,17 @@ fn run_model(cmd: ModelCmd) -> Result<()> {
     }
 }
 
+/// Refuses a summary whose model could not be built in memory, before building it.
+fn check_summary_size(a: &SummaryArgs, cfg: &ModelConfig) -> Result<()> {
+    if a.classes == 0 {
+        bail!("--classes must be at least 1");
+    }
+    derma::data::check_image_side(a.size, "--size")?;
+    let params = derma::nn::summary::parameter_count(cfg);
+    let asked = format!("a {:?} model with --classes {} ({params} parameters)", a.variant, a.classes);
+    derma::data::memory::check_fits(&derma::data::memory::model_estimate(params, asked), "--classes")
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -159,8 +185,14 @@ fn main() {
         Command::Predict(a) => cli::predict::run_predict(a),
         Command::Bench(c) => cli::bench::run_bench(c),
         Command::Check(a) => derma::cuda::check::run(&a),
+        Command::Weights(c) => cli::weights::run_weights(c),
     };
     if let Err(e) = result {
+        // A decode stopped by Ctrl-C is no failure: its work is kept and the same command resumes it.
+        if e.downcast_ref::<derma::data::DecodeInterrupted>().is_some() {
+            eprintln!("{e:#}");
+            std::process::exit(derma::interrupt::EXIT_INTERRUPTED);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -24,9 +24,12 @@ pub struct PrepareArgs {
     /// Print one JSON object on stdout instead of the text report.
     #[arg(long)]
     json: bool,
-    /// No progress bar or warnings.
+    /// No progress bar, and with --json no warnings on stderr (they stay in the report and the JSON).
     #[arg(long)]
     quiet: bool,
+    /// Stop decoding after this many images, as on Ctrl-C (for testing resumption).
+    #[arg(long, hide = true)]
+    stop_after_decodes: Option<usize>,
 }
 
 #[derive(Args)]
@@ -53,6 +56,7 @@ pub struct SynthArgs {
 }
 
 pub fn run_prepare(a: PrepareArgs) -> anyhow::Result<()> {
+    derma::interrupt::install()?;
     let opts = derma::data::PrepareOptions {
         data: a.data,
         cache: a.cache,
@@ -60,6 +64,9 @@ pub fn run_prepare(a: PrepareArgs) -> anyhow::Result<()> {
         val_fraction: a.val_fraction,
         seed: a.seed,
         quiet: a.quiet || a.json,
+        // The text report lists the warnings itself.
+        warn: a.json && !a.quiet,
+        stop_after_decodes: a.stop_after_decodes,
     };
     let prepared = derma::data::prepare(&opts)?;
     if a.json {

@@ -32,6 +32,9 @@ pub struct EvalArgs {
     /// Dataset folder (ISIC 2019 layout, or labels.csv + images/).
     #[arg(long)]
     data: PathBuf,
+    /// Cache folder for the decoded images [default: <DATA>/.derma-cache-<checkpoint's image size>].
+    #[arg(long)]
+    cache: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "val")]
     split: Split,
     #[arg(long, default_value_t = 32)]
@@ -65,16 +68,18 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let mut loaded = checkpoint::load(&a.checkpoint)?;
+    data::check_image_side(loaded.image_size, &format!("the image size of {}", a.checkpoint.display()))?;
+    derma::interrupt::install()?;
     // The split must be the one the run validated on: same fraction and seed as its config, else the defaults.
     let defaults = TrainConfig::default();
     let cfg = loaded.config.as_ref().unwrap_or(&defaults);
     let prepared = Arc::new(data::prepare(&PrepareOptions {
-        data: a.data.clone(),
-        cache: None,
+        cache: a.cache.clone(),
         size: loaded.image_size as u32,
         val_fraction: cfg.val_fraction,
         seed: cfg.seed,
         quiet: a.json,
+        ..PrepareOptions::new(a.data.clone())
     })?);
     if prepared.class_names != loaded.class_names {
         bail!(
@@ -100,6 +105,10 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
             Split::All => bail!("{} has no usable images", a.data.display()),
         }
     }
+    // A batch never holds more than the images scored.
+    let batch = a.batch_size.min(indices.len());
+    let need = derma::data::memory::eval_estimate(batch, loaded.image_size, loaded.model.params.counts().0);
+    derma::data::memory::check_fits(&need, "--batch-size")?;
     let kind = match cfg.loss {
         CfgLoss::Focal => LossKind::Focal { gamma: cfg.focal_gamma },
         CfgLoss::Ce => LossKind::CrossEntropy,

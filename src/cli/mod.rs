@@ -5,3 +5,4 @@ pub mod data;
 pub mod eval;
 pub mod predict;
 pub mod train;
+pub mod weights;

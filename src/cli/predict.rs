@@ -151,10 +151,8 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
                     batch.extend(px);
                     paths.push(path.clone());
                 }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    failures.push(format!("{e:#}"));
-                }
+                // Reported once, in the summary error at the end.
+                Err(e) => failures.push(format!("{e:#}")),
             }
         }
         if paths.is_empty() {
@@ -162,6 +160,14 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
         }
         let probs = predict_batch(&mut loaded.model, batch, paths.len(), size)
             .with_context(|| format!("running {} on {}", a.checkpoint.display(), paths[0].display()))?;
+        // Finite weights and images can still overflow to inf/NaN; never print such a row as a prediction.
+        if let Some((path, _)) = paths.iter().zip(&probs).find(|(_, p)| p.iter().any(|v| !v.is_finite())) {
+            bail!(
+                "{} gives non-finite probabilities for {} (the logits overflowed): the checkpoint is unusable",
+                a.checkpoint.display(),
+                path.display()
+            );
+        }
         results.extend(paths.into_iter().zip(probs));
     }
 

@@ -1,11 +1,11 @@
 //! `derma gpu-info`: what this machine offers for CUDA, the kernels' ptxas report, and copy bandwidth.
 
-use anyhow::Result;
+use anyhow::{Result, anyhow, bail};
 use std::time::Instant;
 
 use super::emu::sys as emu_sys;
 use super::kernels::DevSlice;
-use super::{DeviceRequest, Gpu, build_info, parse_device, probe, select};
+use super::{DeviceRequest, Gpu, Probe, Selected, build_info, parse_device, probe, select_from};
 
 /// Arguments of `derma gpu-info`.
 #[derive(clap::Args, Debug)]
@@ -59,11 +59,29 @@ pub fn run(args: &GpuInfoArgs) -> Result<()> {
         }
     }
     if args.bandwidth {
-        let sel = select(args.device)?;
+        let sel = bandwidth_device(&p, args.device)?;
         let gpu = Gpu::open(&sel)?;
         bandwidth(&gpu, args.mib.max(1) << 20)?;
     }
     Ok(())
+}
+
+/// The device `--bandwidth` measures. Only a CUDA device (or the emulated one) can be measured, so the message
+/// never suggests `--device cpu` (which the general device selection does, for commands that can run on the CPU).
+fn bandwidth_device(p: &Probe, request: DeviceRequest) -> Result<Selected> {
+    let ordinal = match request {
+        DeviceRequest::Cuda(n) => n,
+        DeviceRequest::Auto => 0,
+        DeviceRequest::Emu => return Ok(Selected::Emulated),
+        DeviceRequest::Cpu => bail!("--bandwidth measures a CUDA device: use --device cuda or --device cuda:N"),
+    };
+    select_from(p, ordinal).map_err(|why| {
+        anyhow!(
+            "--bandwidth needs a CUDA device, and cuda:{ordinal} cannot be used:\n  - {}\n(on a machine without one \
+             there is no GPU bandwidth to measure)",
+            why.join("\n  - ")
+        )
+    })
 }
 
 fn gbps(bytes: usize, secs: f64) -> f64 {
@@ -107,4 +125,20 @@ fn bandwidth(gpu: &Gpu, bytes: usize) -> Result<()> {
     );
     println!("  scale_f32 kernel:        {:8.1} GB/s moved (read + write)", gbps(2 * bytes, kernel));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bandwidth_without_a_gpu_does_not_suggest_the_cpu() {
+        for request in [DeviceRequest::Cuda(0), DeviceRequest::Cuda(3), DeviceRequest::Auto, DeviceRequest::Cpu] {
+            let e = format!("{:#}", bandwidth_device(&Probe::default(), request).err().unwrap());
+            assert!(!e.contains("--device cpu") && !e.contains("--device auto"), "{e}");
+            assert!(e.contains("CUDA device"), "{e}");
+        }
+        // The emulated device needs no driver.
+        assert_eq!(bandwidth_device(&Probe::default(), DeviceRequest::Emu).unwrap(), Selected::Emulated);
+    }
 }

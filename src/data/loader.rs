@@ -247,7 +247,16 @@ fn fill_batch(
 fn build_batch(inner: &Inner, epoch: u64, order: &[usize], batch: usize) -> Result<Batch> {
     let (start, end) = batch_range(inner, order.len(), batch);
     let s = inner.cfg.out_size as usize;
-    let mut images = vec![0f32; (end - start) * s * s * 3];
+    let floats = (end - start) * s * s * 3;
+    let mut images = Vec::new();
+    images.try_reserve_exact(floats).map_err(|_| {
+        anyhow::anyhow!(
+            "cannot allocate a batch of {} images of {s}x{s} ({} of f32): lower --batch-size or --image-size",
+            end - start,
+            super::human_bytes(floats as u64 * 4)
+        )
+    })?;
+    images.resize(floats, 0f32);
     let (labels, indices) = fill_batch(inner, epoch, order, batch, &mut images)?;
     Ok(Batch { images, labels, indices, size: s, batch })
 }

@@ -14,14 +14,19 @@
 //! # Verification
 //!
 //! Every row is checked once, up front. A row is excluded, with its reason, when its file is missing, empty,
-//! undecodable or a truncated JPEG, when its label is not exactly one positive class, or when its image id
-//! repeats an earlier row's (the first is kept). Excluded rows are listed in the summary and in
-//! `excluded.csv` (`image,line,reason`) in the cache folder; nothing is replaced by stand-in data. Decoding
-//! follows the content, not the extension.
+//! undecodable or a truncated JPEG, when a one-hot value is anything but 0 or 1 (`2`, `-1` and `0.6` are not
+//! labels), when its label is not exactly one positive class, or when its image id repeats an earlier row's (the
+//! first is kept). Excluded rows are listed in the summary and in `excluded.csv` (`image,line,reason`) in the
+//! cache folder; nothing is replaced by stand-in data. Decoding follows the content, not the extension.
+//!
+//! Every class column is reported with its usable images (or as empty); a warning names any class too small for
+//! the split to give it both training and validation images, an `UNK` column that becomes a class, and a
+//! missing metadata file (the split then cannot be grouped by lesion).
 //!
 //! # The cache folder (`--cache`, default `DIR/.derma-cache-<size>`)
 //!
-//! - `images.u8` + `manifest.json`: the decoded images, see [`cache`].
+//! - `images.u8` + `manifest.json`: the decoded images, see [`cache`] (keys, disk-space checks, read-only use,
+//!   resumption after an interruption).
 //! - `split.csv`: `image,label,lesion_id,split` for every usable image (`split` is `train` or `val`).
 //! - `excluded.csv`: the excluded rows.
 //!
@@ -32,6 +37,7 @@ pub mod augment;
 pub mod cache;
 pub mod decode;
 pub mod loader;
+pub mod memory;
 pub mod source;
 pub mod split;
 pub mod synth;
@@ -41,7 +47,7 @@ use serde::Serialize;
 use serde::ser::SerializeMap;
 use std::path::{Path, PathBuf};
 
-pub use cache::ImageCache;
+pub use cache::{DecodeInterrupted, ImageCache};
 pub use source::Layout;
 
 /// The ISIC 2019 challenge's class order (submission columns), `UNK` last.
@@ -72,20 +78,72 @@ pub struct PrepareOptions {
     pub val_fraction: f64,
     /// Seed of the split.
     pub seed: u64,
-    /// No progress bar and no warnings on stderr.
+    /// No progress bar.
     pub quiet: bool,
+    /// Print the warnings on stderr as well as in the summary (default; a quiet run still warns).
+    pub warn: bool,
+    /// Stop decoding after this many images, as an interruption would (tests of resumption).
+    pub stop_after_decodes: Option<usize>,
 }
 
 impl PrepareOptions {
     /// Defaults: 224 px, 20 % validation, seed 42.
     pub fn new(data: impl Into<PathBuf>) -> Self {
-        PrepareOptions { data: data.into(), cache: None, size: 224, val_fraction: 0.2, seed: 42, quiet: false }
+        PrepareOptions {
+            data: data.into(),
+            cache: None,
+            size: 224,
+            val_fraction: 0.2,
+            seed: 42,
+            quiet: false,
+            warn: true,
+            stop_after_decodes: None,
+        }
     }
 
     /// The cache folder these options use.
     pub fn cache_dir(&self) -> PathBuf {
         self.cache.clone().unwrap_or_else(|| self.data.join(format!(".derma-cache-{}", self.size)))
     }
+}
+
+/// Smallest image side accepted for the cache and the model input.
+pub const MIN_IMAGE_SIDE: usize = 16;
+/// Largest image side accepted: 2048² RGB is 12 MiB per cached image, 50 MiB per f32 input.
+pub const MAX_IMAGE_SIDE: usize = 2048;
+
+/// Checks an image side given by `flag` against [`MIN_IMAGE_SIDE`]..=[`MAX_IMAGE_SIDE`].
+pub fn check_image_side(side: usize, flag: &str) -> Result<()> {
+    if !(MIN_IMAGE_SIDE..=MAX_IMAGE_SIDE).contains(&side) {
+        bail!(
+            "{flag} {side} is out of range: image sides from {MIN_IMAGE_SIDE} to {MAX_IMAGE_SIDE} pixels are \
+             supported (the seed trains at 224; ISIC 2019 images are about 1024x768)"
+        );
+    }
+    Ok(())
+}
+
+/// Bytes for people: `72.0 GiB`, `1.5 MiB`, `512 B`.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if b < 1024 {
+        return format!("{b} B");
+    }
+    let mut v = b as f64 / 1024.0;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+/// The smallest class size whose rounded validation share is at least one image and leaves one for training.
+fn min_images_for_both_splits(val_fraction: f64) -> Option<usize> {
+    (2..=1_000_000).find(|&n| {
+        let v = (val_fraction * n as f64).round() as usize;
+        v >= 1 && v < n
+    })
 }
 
 /// A row left out, and why.
@@ -148,7 +206,13 @@ pub struct PrepareSummary {
     pub decoded: usize,
     /// Images taken from an existing cache.
     pub reused: usize,
-    /// Warnings (e.g. a class without training images).
+    /// Every class column of the label file (ISIC) or every class (plain) with its usable images; 0 = empty.
+    pub class_columns: Ordered<usize>,
+    /// Columns of the label file that are not classes (ISIC's `UNK` while it is empty).
+    pub unused_columns: Vec<String>,
+    /// Seconds spent decoding in this run.
+    pub decode_seconds: f64,
+    /// Warnings (a class too small for the split, a missing metadata file, ...).
     pub warnings: Vec<String>,
 }
 
@@ -219,14 +283,31 @@ impl loader::ImageSource for PreparedData {
     }
 }
 
-fn write_csv(path: &Path, header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> Result<()> {
-    let mut w = csv::Writer::from_path(path).with_context(|| format!("creating {}", path.display()))?;
-    w.write_record(header).with_context(|| format!("writing {}", path.display()))?;
+/// Writes a CSV report unless the file already holds exactly these bytes (a valid cache in a read-only folder
+/// stays usable). The file is replaced atomically. `Ok(false)`: the folder is read-only and the file differs.
+fn write_csv(path: &Path, header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> Result<bool> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(header).with_context(|| format!("formatting {}", path.display()))?;
     for r in rows {
-        w.write_record(&r).with_context(|| format!("writing {}", path.display()))?;
+        w.write_record(&r).with_context(|| format!("formatting {}", path.display()))?;
     }
-    w.flush().with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    let bytes = w.into_inner().map_err(|e| anyhow::anyhow!("formatting {}: {e}", path.display()))?;
+    if std::fs::read(path).is_ok_and(|old| old == bytes) {
+        return Ok(true);
+    }
+    let tmp = path.with_extension("csv.tmp");
+    let written = std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, path));
+    match written {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            if matches!(e.kind(), std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied) {
+                Ok(false)
+            } else {
+                Err(anyhow::anyhow!("writing {}: {e}", path.display()))
+            }
+        }
+    }
 }
 
 /// Reads, verifies, caches and splits a dataset folder (see the module docs).
@@ -234,6 +315,9 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PreparedData> {
     if !(0.0..1.0).contains(&opts.val_fraction) {
         bail!("--val-fraction must be in [0, 1), got {}", opts.val_fraction);
     }
+    check_image_side(opts.size as usize, "--size")?;
+    let root = std::fs::canonicalize(&opts.data)
+        .with_context(|| format!("dataset folder {} (--data) cannot be opened", opts.data.display()))?;
     let table = source::read_table(&opts.data)?;
     let n_classes = table.class_names.len();
     if n_classes == 0 {
@@ -252,7 +336,18 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PreparedData> {
         .map(|&r| cache::Candidate { image: table.rows[r].image.clone(), path: table.rows[r].path.clone() })
         .collect();
     let cache_dir = opts.cache_dir();
-    let built = cache::build(&cache_dir, opts.size, &candidates, opts.quiet)?;
+    let started = std::time::Instant::now();
+    let built = cache::build(
+        &cache_dir,
+        &candidates,
+        &cache::BuildOptions {
+            root: &root,
+            size: opts.size,
+            quiet: opts.quiet,
+            stop_after_decodes: opts.stop_after_decodes,
+        },
+    )?;
+    let decode_seconds = started.elapsed().as_secs_f64();
 
     let (mut images, mut labels, mut lesion_ids, mut slots) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (&r, res) in cand_rows.iter().zip(&built.results) {
@@ -275,15 +370,24 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PreparedData> {
     let (class_weights, train_counts) = split::balanced_class_weights(&labels, &train, n_classes);
     let (_, val_counts) = split::balanced_class_weights(&labels, &val, n_classes);
     let (_, counts) = split::balanced_class_weights(&labels, &(0..labels.len()).collect::<Vec<_>>(), n_classes);
-    let mut warnings = Vec::new();
+    let mut warnings = table.warnings.clone();
+    let min_n = min_images_for_both_splits(opts.val_fraction);
     for (c, name) in table.class_names.iter().enumerate() {
-        if train_counts[c] == 0 {
-            warnings.push(format!("class {name} has no training images: its loss weight is 0"));
-        }
-    }
-    if !opts.quiet {
-        for w in &warnings {
-            eprintln!("warning: {w}");
+        let n = counts[c];
+        if n == 0 {
+            warnings.push(format!("class {name} has no usable images: it cannot be learned and its loss weight is 0"));
+        } else if train_counts[c] == 0 {
+            warnings.push(format!(
+                "class {name} has {n} image(s), none in the training split: it cannot be learned and its loss \
+                 weight is 0"
+            ));
+        } else if val_counts[c] == 0 && opts.val_fraction > 0.0 {
+            let need = min_n.map_or_else(String::new, |m| format!(" (at least {m} images of a class are needed)"));
+            warnings.push(format!(
+                "class {name} has only {n} image(s), too few for the split to put one in validation at \
+                 --val-fraction {}{need}: its validation recall cannot be measured",
+                opts.val_fraction
+            ));
         }
     }
 
@@ -294,7 +398,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PreparedData> {
         }
         s
     };
-    write_csv(
+    let split_written = write_csv(
         &cache_dir.join("split.csv"),
         &["image", "label", "lesion_id", "split"],
         (0..labels.len()).map(|i| {
@@ -306,11 +410,32 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PreparedData> {
             ]
         }),
     )?;
-    write_csv(
+    let excluded_written = write_csv(
         &cache_dir.join("excluded.csv"),
         &["image", "line", "reason"],
         excluded.iter().map(|e| vec![e.image.clone(), e.line.to_string(), e.reason.clone()]),
     )?;
+    if !(split_written && excluded_written) {
+        warnings.push(format!(
+            "the cache folder {} is read-only: split.csv and excluded.csv there describe an earlier run (the \
+             pixels are valid and used); pass --cache DIR to keep this run's lists",
+            cache_dir.display()
+        ));
+    }
+    if opts.warn {
+        for w in &warnings {
+            eprintln!("warning: {w}");
+        }
+    }
+    let unused_columns: Vec<String> =
+        table.columns.iter().filter(|c| !table.class_names.contains(c)).cloned().collect();
+    let class_columns = Ordered(
+        table
+            .columns
+            .iter()
+            .map(|c| (c.clone(), table.class_names.iter().position(|n| n == c).map_or(0, |k| counts[k])))
+            .collect(),
+    );
 
     let named = |v: &[usize]| Ordered(table.class_names.iter().cloned().zip(v.iter().copied()).collect());
     let summary = PrepareSummary {
@@ -333,6 +458,9 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PreparedData> {
         class_weights: Ordered(table.class_names.iter().cloned().zip(class_weights.iter().copied()).collect()),
         decoded: built.decoded,
         reused: built.reused,
+        class_columns,
+        unused_columns,
+        decode_seconds,
         warnings,
     };
     Ok(PreparedData {
@@ -370,10 +498,33 @@ impl PrepareSummary {
                 self.train_class_counts.0[i].1, self.val_class_counts.0[i].1, self.class_weights.0[i].1
             );
         }
+        let columns: Vec<String> = self
+            .class_columns
+            .0
+            .iter()
+            .map(|(c, n)| match (*n, self.unused_columns.contains(c)) {
+                (_, true) => format!("{c} empty (not a class)"),
+                (0, false) => format!("{c} empty"),
+                (n, false) => format!("{c} {n}"),
+            })
+            .collect();
+        s += &format!("class columns: {}\n", columns.join(", "));
+        let rate = if self.decoded > 0 && self.decode_seconds > 0.0 {
+            format!(
+                " in {:.1} s, {}",
+                self.decode_seconds,
+                cache::format_rate(self.decoded as f64 / self.decode_seconds)
+            )
+        } else {
+            String::new()
+        };
         s += &format!(
-            "split: {} train, {} val; cache {} ({}x{}; decoded {}, reused {})\n",
+            "split: {} train, {} val; cache {} ({}x{}; decoded {}{rate}, reused {})\n",
             self.train, self.val, self.cache, self.size, self.size, self.decoded, self.reused
         );
+        for w in &self.warnings {
+            s += &format!("warning: {w}\n");
+        }
         s
     }
 }

@@ -56,6 +56,11 @@ pub struct Table {
     pub class_names: Vec<String>,
     /// Every data row of the label file, in file order.
     pub rows: Vec<Row>,
+    /// ISIC: every class column of the ground truth in header order, including those left out of
+    /// [`Table::class_names`]; plain: the class names.
+    pub columns: Vec<String>,
+    /// Things the user should know about the tables (a missing metadata file, a class column taken in).
+    pub warnings: Vec<String>,
 }
 
 /// Finds the layout of `dir` and reads its tables.
@@ -73,9 +78,26 @@ pub fn read_table(dir: &Path) -> Result<Table> {
     }
 }
 
-fn parse_one_hot(v: &str) -> Option<f64> {
+/// A one-hot value: exactly 0 or 1 (`0`, `1.0`, `1.000`, ...); anything else is no label at all.
+fn parse_one_hot(v: &str) -> Option<bool> {
     let x: f64 = v.trim().parse().ok()?;
-    if x.is_finite() { Some(x) } else { None }
+    if x == 0.0 {
+        Some(false)
+    } else if x == 1.0 {
+        Some(true)
+    } else {
+        None
+    }
+}
+
+/// The first line of a file as written (for error messages about its header).
+fn first_line(path: &Path) -> String {
+    use std::io::BufRead;
+    let mut line = String::new();
+    if let Ok(f) = std::fs::File::open(path) {
+        let _ = std::io::BufReader::new(f).read_line(&mut line);
+    }
+    line.trim_end_matches(['\r', '\n']).trim_start_matches('\u{feff}').to_string()
 }
 
 /// Reads the ISIC 2019 ground truth and, when present, the metadata's lesion ids.
@@ -89,44 +111,70 @@ fn read_isic(dir: &Path) -> Result<Table> {
     let header = rdr.headers().with_context(|| format!("reading the header of {}", gt_path.display()))?.clone();
     if header.len() < 2 || header.get(0).map(str::trim) != Some("image") {
         bail!(
-            "{}: the header must start with `image` followed by class columns (MEL,NV,...), found {:?}",
+            "{}: the header must be `image` followed by the class columns (image,MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK), \
+             found `{}`",
             gt_path.display(),
-            header.iter().collect::<Vec<_>>()
+            first_line(&gt_path)
         );
     }
     let all_classes: Vec<String> = header.iter().skip(1).map(|s| s.trim().to_string()).collect();
     // Raw records first: whether UNK is a class depends on the whole column.
-    let mut raw: Vec<(usize, String, Result<Vec<f64>, String>)> = Vec::new();
+    let mut raw: Vec<(usize, String, Result<Vec<bool>, String>)> = Vec::new();
     for (k, rec) in rdr.records().enumerate() {
         let line = k + 2;
         let rec = rec.with_context(|| format!("{} line {line}: unreadable CSV record", gt_path.display()))?;
         let image = rec.get(0).unwrap_or("").trim().to_string();
-        let values: Result<Vec<f64>, String> = if rec.len() != header.len() {
+        let values: Result<Vec<bool>, String> = if rec.len() != header.len() {
             Err(format!("label row has {} fields, the header has {}", rec.len(), header.len()))
         } else {
             rec.iter()
                 .skip(1)
                 .zip(&all_classes)
-                .map(|(v, c)| {
-                    parse_one_hot(v).ok_or_else(|| format!("label value {v:?} for class {c} is not a number"))
-                })
+                .map(|(v, c)| parse_one_hot(v).ok_or_else(|| format!("label value {v:?} for class {c} is not 0 or 1")))
                 .collect()
         };
         raw.push((line, image, values));
     }
     let unk = all_classes.iter().position(|c| c == "UNK");
-    let drop_unk = unk.is_some_and(|u| raw.iter().all(|(_, _, v)| v.as_ref().map_or(true, |v| v[u] <= 0.5)));
+    let unk_lines: Vec<usize> = unk.map_or_else(Vec::new, |u| {
+        raw.iter().filter(|(_, _, v)| v.as_ref().is_ok_and(|v| v[u])).map(|(line, _, _)| *line).collect()
+    });
+    let drop_unk = unk.is_some() && unk_lines.is_empty();
     let kept: Vec<usize> = (0..all_classes.len()).filter(|&c| !(drop_unk && Some(c) == unk)).collect();
     let class_names: Vec<String> = kept.iter().map(|&c| all_classes[c].clone()).collect();
+    let mut warnings = Vec::new();
+    if !unk_lines.is_empty() {
+        let shown: Vec<String> = unk_lines.iter().take(5).map(usize::to_string).collect();
+        warnings.push(format!(
+            "class UNK is positive in {} row(s) (line {}{}), so it is a class of its own: the model gets {} outputs \
+             instead of {}",
+            unk_lines.len(),
+            shown.join(", "),
+            if unk_lines.len() > 5 { ", ..." } else { "" },
+            class_names.len(),
+            class_names.len() - 1
+        ));
+    }
 
-    let lesions = read_isic_lesions(dir)?;
+    let lesions = match read_isic_lesions(dir)? {
+        Some(l) => l,
+        None => {
+            warnings.push(format!(
+                "{ISIC_METADATA} not found in {}: the split cannot be grouped by lesion, so images of one lesion \
+                 may land on both sides and validation scores come out optimistic; put the metadata file next to \
+                 {ISIC_GROUND_TRUTH}",
+                dir.display()
+            ));
+            HashMap::new()
+        }
+    };
     let img_dir = dir.join(ISIC_IMAGES);
     let mut seen = HashSet::new();
     let rows = raw
         .into_iter()
         .map(|(line, image, values)| {
             let label = values.and_then(|v| {
-                let pos: Vec<usize> = kept.iter().enumerate().filter(|&(_, &c)| v[c] > 0.5).map(|(i, _)| i).collect();
+                let pos: Vec<usize> = kept.iter().enumerate().filter(|&(_, &c)| v[c]).map(|(i, _)| i).collect();
                 match pos.len() {
                     1 => Ok(pos[0]),
                     0 => Err("label has no positive class".to_string()),
@@ -146,7 +194,7 @@ fn read_isic(dir: &Path) -> Result<Table> {
             }
         })
         .collect();
-    Ok(Table { layout: Layout::Isic2019, class_names, rows })
+    Ok(Table { layout: Layout::Isic2019, class_names, rows, columns: all_classes, warnings })
 }
 
 /// Image ids must be non-empty, must not name other folders, and must be unique (the first row is kept).
@@ -163,12 +211,12 @@ fn check_id(image: &str, seen: &mut HashSet<String>) -> Result<(), String> {
     Ok(())
 }
 
-/// Lesion id per image from the ISIC metadata file; empty when the file is absent.
-fn read_isic_lesions(dir: &Path) -> Result<HashMap<String, String>> {
+/// Lesion id per image from the ISIC metadata file; `None` when the file is absent.
+fn read_isic_lesions(dir: &Path) -> Result<Option<HashMap<String, String>>> {
     let path = dir.join(ISIC_METADATA);
     let mut out = HashMap::new();
     if !path.is_file() {
-        return Ok(out);
+        return Ok(None);
     }
     let mut rdr = csv::ReaderBuilder::new()
         .flexible(true)
@@ -177,7 +225,12 @@ fn read_isic_lesions(dir: &Path) -> Result<HashMap<String, String>> {
     let header = rdr.headers().with_context(|| format!("reading the header of {}", path.display()))?.clone();
     let col = |name: &str| header.iter().position(|h| h.trim() == name);
     let (Some(ic), Some(lc)) = (col("image"), col("lesion_id")) else {
-        bail!("{}: the header must have `image` and `lesion_id` columns, found {:?}", path.display(), header);
+        bail!(
+            "{}: the header must have `image` and `lesion_id` columns (ISIC 2019: \
+             image,age_approx,anatom_site_general,lesion_id,sex), found `{}`",
+            path.display(),
+            first_line(&path)
+        );
     };
     for (k, rec) in rdr.records().enumerate() {
         let rec = rec.with_context(|| format!("{} line {}: unreadable CSV record", path.display(), k + 2))?;
@@ -187,7 +240,7 @@ fn read_isic_lesions(dir: &Path) -> Result<HashMap<String, String>> {
             out.entry(image.to_string()).or_insert_with(|| lesion.to_string());
         }
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// Reads `labels.csv` (`image,label[,lesion_id]`); classes are the distinct labels in sorted order.
@@ -200,9 +253,21 @@ fn read_plain(dir: &Path) -> Result<Table> {
     let header = rdr.headers().with_context(|| format!("reading the header of {}", path.display()))?.clone();
     let col = |name: &str| header.iter().position(|h| h.trim() == name);
     let (Some(ic), Some(lc)) = (col("image"), col("label")) else {
-        bail!("{}: the header must have `image` and `label` columns, found {:?}", path.display(), header);
+        bail!(
+            "{}: the header must have `image` and `label` columns (optionally `lesion_id`), found `{}`",
+            path.display(),
+            first_line(&path)
+        );
     };
     let lesion_col = col("lesion_id");
+    let mut warnings = Vec::new();
+    if lesion_col.is_none() {
+        warnings.push(format!(
+            "{} has no lesion_id column: the split cannot be grouped by lesion, so images of one lesion may land \
+             on both sides and validation scores come out optimistic",
+            path.display()
+        ));
+    }
     let mut recs = Vec::new();
     for (k, rec) in rdr.records().enumerate() {
         let rec = rec.with_context(|| format!("{} line {}: unreadable CSV record", path.display(), k + 2))?;
@@ -223,7 +288,7 @@ fn read_plain(dir: &Path) -> Result<Table> {
             Row { path: img_dir.join(file), image, line, label, lesion_id }
         })
         .collect();
-    Ok(Table { layout: Layout::Plain, class_names, rows })
+    Ok(Table { layout: Layout::Plain, columns: class_names.clone(), class_names, rows, warnings })
 }
 
 #[cfg(test)]
@@ -250,7 +315,7 @@ mod tests {
         let labels: Vec<_> = t.rows.iter().map(|r| r.label.clone()).collect();
         assert_eq!(labels[0], Ok(0));
         assert_eq!(labels[1], Ok(1));
-        assert!(labels[2].as_ref().unwrap_err().contains("not a number"));
+        assert!(labels[2].as_ref().unwrap_err().contains("not 0 or 1"));
         assert_eq!(labels[3], Err("label has no positive class".to_string()));
         assert!(labels[4].as_ref().unwrap_err().contains("duplicate"));
         assert!(labels[5].as_ref().unwrap_err().contains("2 positive classes (MEL,NV)"));
@@ -263,5 +328,54 @@ mod tests {
         let t = read_table(tmp.path()).unwrap();
         assert_eq!(t.class_names, vec!["MEL", "NV", "UNK"]);
         assert_eq!(t.rows[0].label, Ok(2));
+        // A ninth class is never silent: the warning names UNK and its line.
+        assert!(
+            t.warnings.iter().any(|w| w.contains("class UNK is positive in 1 row(s) (line 2)")),
+            "{:?}",
+            t.warnings
+        );
+        // The metadata file is there: no lesion warning.
+        assert!(!t.warnings.iter().any(|w| w.contains("grouped by lesion")), "{:?}", t.warnings);
+    }
+
+    #[test]
+    fn only_zero_and_one_are_labels() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_gt(
+            tmp.path(),
+            "a,2,0,0\nb,-1,1,0\nc,0.6,0,0\nd,1.000,0,0\ne,0.0,1,0.0\nf,0,1e0,0\ng,1,0.5,0\nh,NaN,1,0\n",
+        );
+        let t = read_table(tmp.path()).unwrap();
+        let labels: Vec<_> = t.rows.iter().map(|r| r.label.clone()).collect();
+        assert!(labels[0].as_ref().unwrap_err().contains("label value \"2\" for class MEL is not 0 or 1"));
+        assert!(labels[1].as_ref().unwrap_err().contains("\"-1\" for class MEL"));
+        assert!(labels[2].as_ref().unwrap_err().contains("\"0.6\" for class MEL"));
+        assert_eq!(labels[3], Ok(0));
+        assert_eq!(labels[4], Ok(1));
+        assert_eq!(labels[5], Ok(1));
+        assert!(labels[6].as_ref().unwrap_err().contains("\"0.5\" for class NV"));
+        assert!(labels[7].as_ref().unwrap_err().contains("\"NaN\""));
+        assert_eq!(t.class_names, vec!["MEL", "NV"]);
+        assert_eq!(t.columns, vec!["MEL", "NV", "UNK"]);
+        // No metadata file: the split cannot be grouped by lesion, and the warning says so.
+        assert!(
+            t.warnings.iter().any(|w| w.contains(ISIC_METADATA) && w.contains("cannot be grouped by lesion")),
+            "{:?}",
+            t.warnings
+        );
+    }
+
+    #[test]
+    fn header_errors_quote_the_header_as_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_gt(tmp.path(), "a,1,0,0\n");
+        fs::write(tmp.path().join(ISIC_METADATA), "image;lesion;sex\na;L1;m\n").unwrap();
+        let err = read_table(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("found `image;lesion;sex`"), "{err}");
+        assert!(err.contains("image,age_approx,anatom_site_general,lesion_id,sex"), "{err}");
+        assert!(!err.contains("StringRecord"), "{err}");
+        fs::write(tmp.path().join(ISIC_GROUND_TRUTH), "name,MEL\na,1\n").unwrap();
+        let err = read_table(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("found `name,MEL`") && err.contains("image,MEL,NV"), "{err}");
     }
 }

@@ -24,6 +24,44 @@ pub fn is_safetensors(bytes: &[u8]) -> bool {
     n >= 2 && n <= (bytes.len() as u64).saturating_sub(8) && bytes.get(8) == Some(&b'{')
 }
 
+/// When `bytes` start like a safetensors file (a header length, then `{`) but the header length runs past the end
+/// of the file, says so with both numbers; `None` otherwise.
+pub fn safetensors_header_overrun(bytes: &[u8]) -> Option<String> {
+    let head: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
+    let n = u64::from_le_bytes(head);
+    let room = bytes.len() as u64 - 8;
+    if n <= room || bytes.get(8) != Some(&b'{') {
+        return None;
+    }
+    Some(format!(
+        "this safetensors file's header length is {n} bytes, larger than the {room} bytes that follow it (the file \
+         is {} bytes): the file is truncated or corrupt; copy or download it again",
+        bytes.len()
+    ))
+}
+
+/// When the header of a safetensors file parses but its tensors end past the end of the file, says how much is
+/// missing.
+fn data_overrun(bytes: &[u8]) -> Option<String> {
+    let n = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+    let header: serde_json::Value = serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    let end = header
+        .as_object()?
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .filter_map(|(_, t)| t.get("data_offsets")?.get(1)?.as_u64())
+        .max()?;
+    let have = (bytes.len() - 8 - n) as u64;
+    (end > have).then(|| {
+        format!(
+            "the tensors end at byte {end} of the data section but only {have} bytes follow the header (the file is \
+             {} bytes, {} missing): the file is truncated; copy or download it again",
+            bytes.len(),
+            end - have
+        )
+    })
+}
+
 /// Loads a safetensors file: the tensors in file order and the header metadata (empty when there is none).
 pub fn load_safetensors(path: &Path) -> Result<(StateDict, HashMap<String, String>)> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -32,6 +70,9 @@ pub fn load_safetensors(path: &Path) -> Result<(StateDict, HashMap<String, Strin
 
 /// [`load_safetensors`] on bytes already in memory.
 pub fn load_safetensors_bytes(bytes: &[u8]) -> Result<(StateDict, HashMap<String, String>)> {
+    if let Some(why) = safetensors_header_overrun(bytes).or_else(|| data_overrun(bytes)) {
+        bail!(why);
+    }
     let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("invalid safetensors header: {e}"))?;
     let st = SafeTensors::deserialize(bytes).map_err(|e| anyhow!("invalid safetensors file: {e}"))?;
     let mut sd = StateDict::new();

@@ -8,8 +8,8 @@ use anyhow::{Context, Result, bail};
 
 use super::pickle::Value;
 use super::pth::{ZIP_MAGIC, load_pth_bytes};
-use super::safetensors::{is_safetensors, load_safetensors_bytes};
-use crate::tensor::{DType, Tensor};
+use super::safetensors::{is_safetensors, load_safetensors_bytes, safetensors_header_overrun};
+use crate::tensor::{DType, Storage, Tensor};
 
 /// Name → tensor, in file (insertion) order, with lookup by name.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -196,10 +196,54 @@ pub fn load_checkpoint_bytes(bytes: &[u8]) -> Result<Checkpoint> {
     }
     if is_safetensors(bytes) {
         let (sd, strings) = load_safetensors_bytes(bytes)?;
+        check_finite(&sd)?;
         let meta = CheckpointMeta::from_strings(strings)?;
         return Ok(Checkpoint { state_dict: strip_prefixes(sd), meta, optimizer_state: None });
     }
+    if let Some(why) = safetensors_header_overrun(bytes) {
+        bail!(why);
+    }
     bail!("neither a torch.save zip (.pth/.pt) nor a safetensors file")
+}
+
+/// Refuses weights holding NaN or infinite values, listing every such tensor with its count of bad values. No
+/// usable weights hold them: such a file is damaged or was saved from a diverged run, and loading it would only
+/// turn every output into NaN.
+pub fn check_finite(sd: &StateDict) -> Result<()> {
+    fn count<T: Copy>(v: &[T], nan: fn(T) -> bool, inf: fn(T) -> bool) -> (usize, usize) {
+        v.iter().fold((0, 0), |(n, i), &x| (n + nan(x) as usize, i + inf(x) as usize))
+    }
+    let mut bad = Vec::new();
+    for (name, t) in sd.iter() {
+        let (nan, inf) = match &t.storage {
+            Storage::F32(v) => count(v, f32::is_nan, f32::is_infinite),
+            Storage::F64(v) => count(v, f64::is_nan, f64::is_infinite),
+            Storage::F16(v) => count(v, half::f16::is_nan, half::f16::is_infinite),
+            Storage::BF16(v) => count(v, half::bf16::is_nan, half::bf16::is_infinite),
+            Storage::I64(_) | Storage::U8(_) => (0, 0),
+        };
+        if nan + inf > 0 {
+            bad.push(format!("`{name}`: {} of {} values ({nan} NaN, {inf} infinite)", nan + inf, t.numel()));
+        }
+    }
+    if bad.is_empty() {
+        return Ok(());
+    }
+    const SHOWN: usize = 12;
+    let more = bad.len().saturating_sub(SHOWN);
+    let mut msg = format!(
+        "{} tensor{} hold non-finite values (weights must be finite; the file is damaged or was saved from a \
+         diverged run):",
+        bad.len(),
+        if bad.len() == 1 { "" } else { "s" }
+    );
+    for item in bad.iter().take(SHOWN) {
+        let _ = write!(msg, "\n  {item}");
+    }
+    if more > 0 {
+        let _ = write!(msg, "\n  and {more} more");
+    }
+    bail!(msg)
 }
 
 /// Interprets a decoded torch.save object as a state dict or a training checkpoint.
@@ -211,8 +255,10 @@ pub fn checkpoint_from_value(value: Value) -> Result<Checkpoint> {
         matches!(k, Value::Str(s) if s == "model_state_dict" || s == "state_dict") && matches!(v, Value::Dict(_))
     });
     let Some(at) = wrapped else {
+        let sd = tensors_of(top, "the file")?;
+        check_finite(&sd)?;
         return Ok(Checkpoint {
-            state_dict: strip_prefixes(tensors_of(top, "the file")?),
+            state_dict: strip_prefixes(sd),
             meta: CheckpointMeta::default(),
             optimizer_state: None,
         });
@@ -230,11 +276,9 @@ pub fn checkpoint_from_value(value: Value) -> Result<Checkpoint> {
         config: top.get("config").map(Value::to_json),
         strings: HashMap::new(),
     };
-    Ok(Checkpoint {
-        state_dict: strip_prefixes(tensors_of(weights, &format!("`{key}`"))?),
-        meta,
-        optimizer_state: top.get("optimizer_state_dict").cloned(),
-    })
+    let sd = tensors_of(weights, &format!("`{key}`"))?;
+    check_finite(&sd)?;
+    Ok(Checkpoint { state_dict: strip_prefixes(sd), meta, optimizer_state: top.get("optimizer_state_dict").cloned() })
 }
 
 /// An int, or a whole number stored as a float or one-element tensor.

@@ -52,6 +52,19 @@ fn block_macs<T: Float>(m: &EfficientNet<T>, b: &MbConv<T>, h: &mut usize, w: &m
     macs + cba_macs(m, &b.project, h, w)
 }
 
+/// Parameters of the model `cfg` describes, without building it at its size: the classifier is the only part
+/// that grows with the class count (`in·C + C`), so two small builds (1 and 2 classes) give the exact count for
+/// any `C`, even one whose weights would not fit in memory.
+pub fn parameter_count(cfg: &super::ModelConfig) -> u64 {
+    let count = |classes: usize| {
+        let m = EfficientNet::<f32>::new(super::ModelConfig { num_classes: classes, ..cfg.clone() }, 0);
+        m.params.counts().0 as u64
+    };
+    let (one, two) = (count(1), count(2));
+    let per_class = two - one;
+    one.saturating_add(per_class.saturating_mul((cfg.num_classes as u64).saturating_sub(1)))
+}
+
 /// Builds the table for an input of `size`×`size`.
 pub fn summarize<T: Float>(m: &EfficientNet<T>, size: usize) -> Summary {
     let (mut h, mut w) = (size, size);
@@ -151,4 +164,19 @@ pub fn render(s: &Summary) -> String {
         s.input[1]
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::{HeadKind, ModelConfig, Variant};
+
+    #[test]
+    fn parameter_count_matches_a_built_model() {
+        for head in [HeadKind::Torchvision, HeadKind::Seed] {
+            let cfg = ModelConfig::variant(Variant::B0, 13, head);
+            let built = EfficientNet::<f32>::new(cfg.clone(), 0).params.counts().0 as u64;
+            assert_eq!(parameter_count(&cfg), built, "{head:?}");
+        }
+    }
 }

@@ -37,8 +37,9 @@ impl Act {
         match self {
             Act::Silu => x * sigmoid_scalar(x),
             Act::Sigmoid => sigmoid_scalar(x),
+            // NaN propagates as in PyTorch; every other input maps as before.
             Act::Relu => {
-                if x > T::zero() {
+                if x > T::zero() || x.is_nan() {
                     x
                 } else {
                     T::zero()
@@ -60,9 +61,10 @@ impl Act {
                 let s = sigmoid_scalar(x);
                 s * (T::one() - s)
             }
-            // PyTorch's convention: the derivative at 0 is 0.
+            // PyTorch's convention: the derivative at 0 is 0. Its backward (`threshold_backward`) tests
+            // `x <= 0`, so at NaN the gradient passes through unchanged.
             Act::Relu => {
-                if x > T::zero() {
+                if x > T::zero() || x.is_nan() {
                     T::one()
                 } else {
                     T::zero()

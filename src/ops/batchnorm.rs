@@ -220,9 +220,19 @@ pub fn backward<T: Float>(
         let mdzx: Vec<T> = sum_dz_xhat.iter().map(|&v| T::of_f64(if train { v / m } else { 0.0 })).collect();
         dz_buf.par_chunks_mut(block).zip(x.par_chunks(block)).for_each(|(dzb, xb)| {
             for (row, xr) in dzb.chunks_mut(c).zip(xb.chunks(c)) {
-                for ch in 0..c {
-                    let xh = (xr[ch] - mean_t[ch]) * invstd_t[ch];
-                    row[ch] = k[ch] * (row[ch] - mdz[ch] - xh * mdzx[ch]);
+                if train {
+                    for ch in 0..c {
+                        let xh = (xr[ch] - mean_t[ch]) * invstd_t[ch];
+                        row[ch] = k[ch] * (row[ch] - mdz[ch] - xh * mdzx[ch]);
+                    }
+                } else {
+                    // With running statistics dx does not depend on x (as in PyTorch), so a NaN or infinite x
+                    // must not leak in through `x̂ · 0`; finite x̂ keep the exact former arithmetic.
+                    for ch in 0..c {
+                        let xh = (xr[ch] - mean_t[ch]) * invstd_t[ch];
+                        let xh = if xh.is_finite() { xh } else { T::zero() };
+                        row[ch] = k[ch] * (row[ch] - mdz[ch] - xh * mdzx[ch]);
+                    }
                 }
             }
         });

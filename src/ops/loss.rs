@@ -13,7 +13,9 @@ use anyhow::{Result, bail};
 pub fn log_softmax_rows<T: Float>(x: &[T], c: usize) -> Vec<f64> {
     let mut out = Vec::with_capacity(x.len());
     for row in x.chunks(c) {
-        let max = row.iter().map(|v| v.as_f64()).fold(f64::NEG_INFINITY, f64::max);
+        // A NaN-propagating maximum (f64::max skips NaN): a row with a NaN is all NaN, as in PyTorch.
+        let max =
+            row.iter().map(|v| v.as_f64()).fold(f64::NEG_INFINITY, |m, v| if v > m || v.is_nan() { v } else { m });
         let lse = max + row.iter().map(|v| (v.as_f64() - max).exp()).sum::<f64>().ln();
         out.extend(row.iter().map(|v| v.as_f64() - lse));
     }

@@ -30,6 +30,16 @@ fn find<'a>(inputs: &'a [(String, Tensor)], name: &str) -> Option<&'a Tensor> {
     inputs.iter().find(|(k, _)| k == name).map(|(_, t)| t)
 }
 
+/// `(name, count)` of every input holding NaN or infinite values. They are computed with (NaN propagates
+/// as in PyTorch), but a caller should say so: such outputs are rarely what was meant.
+pub fn non_finite_inputs(inputs: &[(String, Tensor)]) -> Vec<(String, usize)> {
+    inputs
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_f64_vec().iter().filter(|v| !v.is_finite()).count()))
+        .filter(|(_, k)| *k > 0)
+        .collect()
+}
+
 /// Reads `images` as NHWC f32 and checks its shape.
 pub fn images_nhwc(inputs: &[(String, Tensor)]) -> Result<Array<f32>> {
     let t = find(inputs, "images").context("the input file has no `images` tensor (f32 [N,3,H,W], NCHW)")?;

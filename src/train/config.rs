@@ -203,6 +203,26 @@ impl TrainConfig {
         }
     }
 
+    /// The network these settings train: EfficientNet-B0 with the seed's head, this run's dropout and stochastic
+    /// depth. A resumed run rebuilds it from the saved settings, never from defaults.
+    pub fn model_config(&self, num_classes: usize) -> crate::nn::ModelConfig {
+        let mut mc = crate::nn::ModelConfig::b0(num_classes, crate::nn::HeadKind::Seed);
+        mc.seed_dropout = (self.head_dropout1, self.head_dropout2);
+        mc.stochastic_depth_prob = self.stochastic_depth;
+        mc
+    }
+
+    /// The settings (TOML keys, dotted inside tables) in which `self` differs from `saved`, leaving out
+    /// [`RESUME_CHANGEABLE`]: a resumed run must compute exactly what the uninterrupted run would have.
+    pub fn changes_breaking_resume(&self, saved: &TrainConfig) -> Result<Vec<String>> {
+        let new = serde_json::to_value(self).context("cannot compare training configs")?;
+        let old = serde_json::to_value(saved).context("cannot compare training configs")?;
+        let mut changed = Vec::new();
+        diff_keys("", &new, &old, &mut changed);
+        changed.retain(|k| !RESUME_CHANGEABLE.contains(&k.as_str()));
+        Ok(changed)
+    }
+
     /// Checks ranges and consistency of every setting.
     pub fn validate(&self) -> Result<()> {
         if self.batch_size == 0 {
@@ -251,6 +271,28 @@ impl TrainConfig {
     }
 }
 
+/// Settings a resumed run may change because they cannot change what is computed: `epochs` (to extend a run;
+/// nothing else depends on it) and `workers` (the loader's output does not depend on its thread count).
+pub const RESUME_CHANGEABLE: [&str; 2] = ["epochs", "workers"];
+
+/// Collects the dotted keys where two JSON trees differ (a key present on one side only counts as a difference).
+fn diff_keys(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                diff_keys(&path, x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null), out);
+            }
+        }
+        _ if a != b => out.push(prefix.to_string()),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,6 +319,25 @@ mod tests {
         c.loss = LossKind::Ce;
         let back = TrainConfig::from_toml_str(&c.to_toml_string().unwrap()).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn resume_comparison_names_every_changed_setting_but_epochs_and_workers() {
+        let saved = TrainConfig { head_dropout1: 0.2, ..Default::default() };
+        assert!(saved.changes_breaking_resume(&saved).unwrap().is_empty());
+        let mut c = saved.clone();
+        c.epochs = 300;
+        c.workers = Some(2);
+        assert!(c.changes_breaking_resume(&saved).unwrap().is_empty());
+        c.image_size = 64;
+        c.batch_size = 7;
+        c.plateau.patience = 9;
+        c.head_dropout1 = 0.5;
+        c.pretrained = Some(PathBuf::from("b0.pth"));
+        assert_eq!(
+            c.changes_breaking_resume(&saved).unwrap(),
+            ["batch_size", "head_dropout1", "image_size", "plateau.patience", "pretrained"]
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EpochRecord {
-    /// Epoch index, 0-based.
+    /// Epoch number, counting from 1 (as the console shows it).
     pub epoch: usize,
     /// Mean training loss.
     pub train_loss: f64,

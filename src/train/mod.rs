@@ -10,6 +10,7 @@ pub mod history;
 pub mod metrics;
 pub mod plateau;
 pub mod plots;
+pub mod run_dir;
 pub mod scaler;
 pub mod trainer;
 pub mod unfreeze;

@@ -85,6 +85,16 @@ fn epoch_range(h: &History) -> Range<f64> {
     if last > first { first..last } else { first - 0.5..first + 0.5 }
 }
 
+/// How many x labels to ask for: one per epoch up to 20 (beyond that the axis picks round numbers).
+fn epoch_ticks(h: &History) -> usize {
+    h.epochs.len().clamp(2, 20)
+}
+
+/// Epochs are whole numbers: ticks between them stay unlabelled (never "2 2 2").
+fn epoch_label(x: &f64) -> String {
+    if (x - x.round()).abs() < 1e-9 { format!("{x:.0}") } else { String::new() }
+}
+
 /// y range covering the series with 5% margins.
 fn value_range(series: &[Series], floor: Option<f64>, ceil: Option<f64>) -> Range<f64> {
     let vals = series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
@@ -142,7 +152,8 @@ fn line_chart(
         .y_desc(y_desc)
         .axis_desc_style((FONT, 20))
         .label_style((FONT, 16))
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_labels(epoch_ticks(h))
+        .x_label_formatter(&epoch_label)
         .y_label_formatter(&|y| if percent { format!("{:.0}%", y * 100.0) } else { format!("{y:.3}") })
         .light_line_style(RGBColor(235, 235, 235))
         .draw()
@@ -246,7 +257,8 @@ pub fn plot_unfreezing(h: &History, path: &Path) -> Result<()> {
             .y_desc("frozen blocks")
             .axis_desc_style((FONT, 20))
             .label_style((FONT, 16))
-            .x_label_formatter(&|x| format!("{x:.0}"))
+            .x_labels(epoch_ticks(h))
+            .x_label_formatter(&epoch_label)
             .y_labels(10)
             .y_label_formatter(&|y| format!("{y:.0}"))
             .light_line_style(RGBColor(235, 235, 235))
@@ -266,7 +278,8 @@ pub fn plot_unfreezing(h: &History, path: &Path) -> Result<()> {
             .y_desc("backbone LR multiplier")
             .axis_desc_style((FONT, 20))
             .label_style((FONT, 16))
-            .x_label_formatter(&|x| format!("{x:.0}"))
+            .x_labels(epoch_ticks(h))
+            .x_label_formatter(&epoch_label)
             .y_label_formatter(&|y| format!("{y:.2}"))
             .light_line_style(RGBColor(235, 235, 235))
             .draw()
@@ -288,7 +301,8 @@ fn step_points(p: &[(f64, f64)]) -> Vec<(f64, f64)> {
     out
 }
 
-/// Head and backbone learning rates per epoch, log scale.
+/// Head and backbone learning rates per epoch, log scale. The head is a thick solid line with dots, the backbone
+/// a thinner dashed line with squares on top of it, so both stay visible where they coincide.
 pub fn plot_lr(h: &History, path: &Path) -> Result<()> {
     check_history(h)?;
     let head = finite_points(h, |r| r.lr);
@@ -296,47 +310,97 @@ pub fn plot_lr(h: &History, path: &Path) -> Result<()> {
     let pos = head.iter().chain(&back).map(|p| p.1).filter(|v| *v > 0.0);
     let (lo, hi) = pos.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
     let (lo, hi) = if lo.is_finite() { (lo / 1.5, hi * 1.5) } else { (1e-7, 1e-3) };
+    let ticks = log_ticks(lo, hi);
     render_png(path, LINE_W, |a| {
         let mut chart = ChartBuilder::on(a)
             .caption("Learning rate", (FONT, 28))
             .margin(16)
             .x_label_area_size(56)
             .y_label_area_size(92)
-            .build_cartesian_2d(epoch_range(h), (lo..hi).log_scale())
+            .build_cartesian_2d(epoch_range(h), (lo..hi).log_scale().with_key_points(ticks.clone()))
             .map_err(pe)?;
         chart
             .configure_mesh()
             .x_desc("epoch")
             .y_desc("learning rate (log scale)")
-            .y_labels(24)
+            .y_labels(ticks.len())
             .axis_desc_style((FONT, 20))
             .label_style((FONT, 16))
-            .x_label_formatter(&|x| format!("{x:.0}"))
+            .x_labels(epoch_ticks(h))
+            .x_label_formatter(&epoch_label)
             .y_label_formatter(&log_label)
             .light_line_style(WHITE)
             .draw()
             .map_err(pe)?;
-        for (label, pts, color) in [("head LR", &head, BLUE), ("backbone LR", &back, VERMILLION)] {
-            let pts: Vec<(f64, f64)> = step_points(pts).into_iter().filter(|p| p.1 > 0.0).collect();
-            chart
-                .draw_series(LineSeries::new(pts, color.stroke_width(3)))
-                .map_err(pe)?
-                .label(label)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3)));
-        }
+        let positive = |pts: &[(f64, f64)]| -> Vec<(f64, f64)> { pts.iter().copied().filter(|p| p.1 > 0.0).collect() };
+        let head_style = BLUE.stroke_width(5);
+        chart
+            .draw_series(LineSeries::new(positive(&step_points(&head)), head_style))
+            .map_err(pe)?
+            .label("head LR")
+            .legend(move |(x, y)| {
+                EmptyElement::at((x, y))
+                    + PathElement::new(vec![(0, 0), (28, 0)], head_style)
+                    + Circle::new((14, 0), 5, BLUE.filled())
+            });
+        chart.draw_series(positive(&head).into_iter().map(|p| Circle::new(p, 5, BLUE.filled()))).map_err(pe)?;
+        let back_style = VERMILLION.stroke_width(2);
+        chart
+            .draw_series(DashedLineSeries::new(positive(&step_points(&back)), 10, 6, back_style))
+            .map_err(pe)?
+            .label("backbone LR (head × stage multiplier)")
+            .legend(move |(x, y)| {
+                EmptyElement::at((x, y))
+                    + PathElement::new(vec![(0, 0), (10, 0)], back_style)
+                    + PathElement::new(vec![(18, 0), (28, 0)], back_style)
+                    + Rectangle::new([(10, -4), (18, 4)], VERMILLION.filled())
+            });
+        chart
+            .draw_series(
+                positive(&back)
+                    .into_iter()
+                    .map(|(x, y)| EmptyElement::at((x, y)) + Rectangle::new([(-4, -4), (4, 4)], VERMILLION.filled())),
+            )
+            .map_err(pe)?;
         chart
             .configure_series_labels()
             .label_font((FONT, 18))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperRight)
+            // Learning rates only fall: the lower left stays free.
+            .position(SeriesLabelPosition::LowerLeft)
             .draw()
             .map_err(pe)?;
         Ok(())
     })
 }
 
-/// Labels 1·10^k, 2·10^k and 5·10^k on a log axis; other ticks stay unlabelled so labels never crowd.
+/// Tick values for a log axis over `lo..hi`: 1, 2 and 5 times each power of ten inside it, or every integer
+/// multiple when that gives fewer than three; the ends of the range when even that finds fewer than two.
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let in_range = |mantissas: &[f64]| -> Vec<f64> {
+        let mut out = Vec::new();
+        let mut exp = lo.log10().floor() as i32;
+        while 10f64.powi(exp) <= hi {
+            for &m in mantissas {
+                let v = m * 10f64.powi(exp);
+                if v >= lo && v <= hi {
+                    out.push(v);
+                }
+            }
+            exp += 1;
+        }
+        out
+    };
+    let coarse = in_range(&[1.0, 2.0, 5.0]);
+    if coarse.len() >= 3 {
+        return coarse;
+    }
+    let fine = in_range(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
+    if fine.len() >= 2 { fine } else { vec![lo, hi] }
+}
+
+/// A log-axis label: `5e-4`, `1e-3`, or three significant digits for a value off the 1–9 × 10^k grid.
 fn log_label(y: &f64) -> String {
     if *y <= 0.0 {
         return String::new();
@@ -344,7 +408,7 @@ fn log_label(y: &f64) -> String {
     let exp = y.log10().floor();
     let mantissa = y / 10f64.powf(exp);
     let m = mantissa.round();
-    if (mantissa - m).abs() < 1e-6 && [1.0, 2.0, 5.0].contains(&m) { format!("{y:.0e}") } else { String::new() }
+    if (mantissa - m).abs() < 1e-6 { format!("{m:.0}e{exp:.0}") } else { format!("{y:.2e}") }
 }
 
 fn names_for(report: &Report, class_names: &[String]) -> Vec<String> {
@@ -529,4 +593,22 @@ pub fn write_plots(dir: &Path, h: &History, report: Option<&Report>, class_names
         written.push(p);
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tick_tests {
+    use super::*;
+
+    #[test]
+    fn log_axes_get_several_labelled_ticks() {
+        // The demo's range (1e-3 and 5e-4, padded by 1.5): every integer multiple, since 1-2-5 gives only two.
+        let t = log_ticks(5e-4 / 1.5, 1.5e-3);
+        let labels: Vec<String> = t.iter().map(log_label).collect();
+        assert_eq!(labels, ["4e-4", "5e-4", "6e-4", "7e-4", "8e-4", "9e-4", "1e-3"]);
+        // A wide range: 1-2-5 only.
+        let labels: Vec<String> = log_ticks(1e-6 / 1.5, 5e-5 * 1.5).iter().map(log_label).collect();
+        assert_eq!(labels, ["1e-6", "2e-6", "5e-6", "1e-5", "2e-5", "5e-5"]);
+        // A single value: the padded range's own integer ticks.
+        assert!(log_ticks(1e-3 / 1.5, 1.5e-3).len() >= 2);
+    }
 }

@@ -7,7 +7,12 @@
 //! validation accuracy, the history files, the plots and the checkpoints.
 //!
 //! Every random draw is a pure function of (seed, epoch, step), so an interrupted run resumed from its last
-//! checkpoint continues bit for bit as the uninterrupted run would have on the CPU.
+//! checkpoint continues bit for bit as the uninterrupted run would have on the CPU: the model is rebuilt from the
+//! checkpoint's saved settings (dropout, stochastic depth), and a resume that changes any setting other than
+//! `epochs` and `workers` is refused.
+//!
+//! Epochs count from 1 wherever a person reads them (console, history files, plots, checkpoint metadata: the
+//! `epoch` of a checkpoint is the number of epochs it has completed).
 
 use super::adamw::AdamW;
 use super::checkpoint::{self, EpochProgress, TrainState};
@@ -17,12 +22,13 @@ use super::history::{EpochRecord, History};
 use super::metrics::{Report, compute_report};
 use super::plateau::ReduceLrOnPlateau;
 use super::plots;
+use super::run_dir::{self, RunSource};
 use super::scaler::GradScaler;
 use crate::autograd::Tape;
 use crate::cuda;
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::{self, PrepareOptions, PreparedData, split_mix};
-use crate::nn::{Ctx, EfficientNet, HeadKind, ModelConfig};
+use crate::nn::{Ctx, EfficientNet};
 use crate::ops::loss::{self, LossKind, softmax_rows};
 use crate::tensor::Array;
 use anyhow::{Context, Result, bail};
@@ -41,12 +47,56 @@ pub struct TrainRun {
     pub data: PathBuf,
     /// Run folder: checkpoints, history, plots, resolved config.
     pub out: PathBuf,
+    /// Decode cache folder; `None` = the data layer's default next to the data.
+    pub cache: Option<PathBuf>,
     /// Continue from `out/last.safetensors`.
     pub resume: bool,
+    /// Replace a run already in `out` (without it such a folder is refused unless resuming).
+    pub overwrite: bool,
     /// No progress bars; one log line per epoch.
     pub quiet: bool,
     /// Stop (saving, as on Ctrl-C) after this many optimizer steps in this process: for tests of resumption.
     pub stop_after_steps: Option<usize>,
+    /// Test hook: after this many optimizer steps in this process, print a line and wait for a signal (to test
+    /// SIGTERM mid-epoch on a real process).
+    pub hold_after_steps: Option<usize>,
+    /// Test hook: after this many epochs are complete and checkpointed, print a line and wait for a signal (to
+    /// test SIGKILL right after an epoch's checkpoint is written).
+    pub hold_after_epochs: Option<usize>,
+}
+
+impl TrainRun {
+    /// A fresh run (no resume, no overwrite, progress bars, no test hooks).
+    pub fn new(config: TrainConfig, data: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        TrainRun {
+            config,
+            data: data.into(),
+            out: out.into(),
+            cache: None,
+            resume: false,
+            overwrite: false,
+            quiet: false,
+            stop_after_steps: None,
+            hold_after_steps: None,
+            hold_after_epochs: None,
+        }
+    }
+}
+
+/// Marker printed (to stderr) by the test hooks once the process waits for a signal.
+pub const HOLD_MARKER: &str = "derma: holding for a signal";
+
+/// The test hooks' wait: until an interruption is requested, at most ten minutes.
+fn hold(what: &str) -> Result<()> {
+    eprintln!("{HOLD_MARKER} ({what})");
+    let start = Instant::now();
+    while !crate::interrupt::requested() {
+        if start.elapsed().as_secs() > 600 {
+            bail!("test hook: no signal within ten minutes ({what})");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Ok(())
 }
 
 /// How a run ended.
@@ -158,18 +208,42 @@ fn step_rng(seed: u64, epoch: usize, step: usize) -> Pcg64 {
 pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
     let cfg = &run.config;
     resolve_device(cfg)?;
-    std::fs::create_dir_all(&run.out).with_context(|| format!("cannot create run folder {}", run.out.display()))?;
     let last_path = run.out.join("last.safetensors");
     let best_path = run.out.join("best.safetensors");
+    // Read the checkpoint first: a resume that cannot be exact fails before any work.
+    let loaded = if run.resume {
+        let loaded =
+            checkpoint::load(&last_path).with_context(|| format!("cannot resume from {}", run.out.display()))?;
+        let saved = loaded.config.as_ref().with_context(|| {
+            format!("cannot resume from {}: {} holds no training config", run.out.display(), last_path.display())
+        })?;
+        let changed = cfg.changes_breaking_resume(saved)?;
+        if !changed.is_empty() {
+            bail!(
+                "cannot resume {} with changed settings: {} (a resumed run continues exactly as the interrupted one; \
+                 only epochs and workers may change): start a new run to change them",
+                run.out.display(),
+                changed.join(", ")
+            );
+        }
+        Some(loaded)
+    } else {
+        run_dir::claim(&run.out, run.overwrite)?;
+        None
+    };
+    std::fs::create_dir_all(&run.out).with_context(|| format!("cannot create run folder {}", run.out.display()))?;
 
-    let prepared = Arc::new(data::prepare(&PrepareOptions {
-        data: run.data.clone(),
-        cache: None,
+    let prepare_options = PrepareOptions {
+        cache: run.cache.clone(),
         size: cfg.image_size as u32,
         val_fraction: cfg.val_fraction,
         seed: cfg.seed,
         quiet: run.quiet,
-    })?);
+        ..PrepareOptions::new(run.data.clone())
+    };
+    let prepared = Arc::new(data::prepare(&prepare_options)?);
+    let canonical = |p: PathBuf| std::fs::canonicalize(&p).unwrap_or(p);
+    RunSource { data: canonical(run.data.clone()), cache: canonical(prepare_options.cache_dir()) }.save(&run.out)?;
     if !run.quiet {
         eprintln!(
             "data: {} usable of {} rows ({} excluded), {} train / {} val, classes {}",
@@ -192,9 +266,7 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
     }
 
     let mut adamw = AdamW::new(cfg.adamw())?;
-    let (mut model, mut state) = if run.resume {
-        let loaded =
-            checkpoint::load(&last_path).with_context(|| format!("cannot resume from {}", run.out.display()))?;
+    let (mut model, mut state) = if let Some(loaded) = loaded {
         if loaded.class_names != class_names {
             bail!(
                 "{} was trained on classes {:?}, the data has {:?}",
@@ -204,21 +276,27 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
             );
         }
         let state = loaded.state.clone().with_context(|| format!("{} holds no training state", last_path.display()))?;
+        if cfg.epochs < state.epoch {
+            bail!(
+                "{} has completed {} epochs; --epochs {} cannot shorten it (give at least {})",
+                run.out.display(),
+                state.epoch,
+                cfg.epochs,
+                state.epoch
+            );
+        }
         loaded.restore_optimizer(&mut adamw)?;
         (loaded.model, state)
     } else {
-        let mut mc = ModelConfig::b0(classes, HeadKind::Seed);
-        mc.seed_dropout = (cfg.head_dropout1, cfg.head_dropout2);
-        mc.stochastic_depth_prob = cfg.stochastic_depth;
-        let mut model = EfficientNet::<f32>::new(mc, cfg.seed);
+        let mut model = EfficientNet::<f32>::new(cfg.model_config(classes), cfg.seed);
         match &cfg.pretrained {
             Some(p) => {
-                let ckpt = crate::io::load_checkpoint(p)?;
+                let ckpt = checkpoint::load_weights(p)?;
                 model.load_backbone(&ckpt.state_dict).with_context(|| format!("pretrained weights {}", p.display()))?;
             }
             None => eprintln!(
                 "warning: no --pretrained weights: the backbone starts from random initialisation (the seed fine-tunes \
-                 ImageNet weights; pass torchvision's efficientnet_b0 .pth)"
+                 ImageNet weights; pass --pretrained imagenet to fetch them)"
             ),
         }
         let state = TrainState {
@@ -276,7 +354,7 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
             let l = loss::loss(&mut tape, logits, &batch.labels, Some(&alpha), &kind)?;
             let lv = tape.value(l).data[0];
             if !lv.is_finite() {
-                bail!("the training loss became {lv} at epoch {epoch} step {step}: lower the learning rate");
+                return Err(diverged(&format!("the training loss is {lv}"), epoch, step, steps_per_epoch, lr));
             }
             for (row, &t) in tape.value(logits).data.chunks(classes).zip(&batch.labels) {
                 state.progress.correct += usize::from(argmax(row) == t);
@@ -293,6 +371,10 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
                     let Some(g) = p.grad.take() else { continue };
                     let plr = if p.name.starts_with("classifier.") { lr } else { backbone_lr };
                     adamw.step_one(&p.name, &mut p.value.data, &g.data, plr)?;
+                    if p.value.data.iter().any(|v| !v.is_finite()) {
+                        let what = format!("the update made parameter {} non-finite", p.name);
+                        return Err(diverged(&what, epoch, step, steps_per_epoch, lr));
+                    }
                 }
             }
             model.params.iter_mut().for_each(|p| p.grad = None);
@@ -309,11 +391,19 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
                 (state.progress.seen as f64) / secs.max(1e-9)
             ));
             bar.inc(1);
+            if run.hold_after_steps == Some(steps_this_process) {
+                hold(&format!("after step {} of epoch {}", step + 1, epoch + 1))?;
+            }
             if crate::interrupt::requested() || run.stop_after_steps.is_some_and(|n| steps_this_process >= n) {
                 state.progress.seconds = secs;
                 bar.abandon_with_message("interrupted");
                 checkpoint::save(&last_path, &model, &adamw, &state, cfg, &class_names, cfg.image_size)?;
-                eprintln!("saved {} at epoch {epoch} step {}; continue with --resume", last_path.display(), step + 1);
+                eprintln!(
+                    "saved {} in epoch {} after step {}/{steps_per_epoch}",
+                    last_path.display(),
+                    epoch + 1,
+                    step + 1
+                );
                 return Ok(outcome(&state, true, false, &run.out));
             }
         }
@@ -322,7 +412,7 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
         let ev = evaluate(&mut model, &prepared, &prepared.val, cfg.batch_size, cfg.image_size, Some(&alpha), &kind)?;
         let p = &state.progress;
         let record = EpochRecord {
-            epoch,
+            epoch: epoch + 1,
             train_loss: p.loss_sum / p.seen.max(1) as f64,
             train_acc: p.correct as f64 / p.seen.max(1) as f64,
             val_loss: ev.loss,
@@ -336,7 +426,7 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
             images_per_s: p.seen as f64 / train_seconds.max(1e-9),
         };
         state.plateau.step(record.val_acc);
-        let decision = state.early.update(epoch, record.val_acc);
+        let decision = state.early.update(record.epoch, record.val_acc);
         state.history.push(record.clone())?;
         state.history.write_files(&run.out)?;
         plots::write_plots(&run.out, &state.history, Some(&ev.report), &class_names)?;
@@ -348,6 +438,9 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
             checkpoint::save(&best_path, &model, &adamw, &state, cfg, &class_names, cfg.image_size)?;
         }
         checkpoint::save(&last_path, &model, &adamw, &state, cfg, &class_names, cfg.image_size)?;
+        if run.hold_after_epochs == Some(state.epoch) {
+            hold(&format!("after epoch {}", state.epoch))?;
+        }
         if decision.stop {
             eprintln!(
                 "early stopping: validation accuracy has not improved for {} epochs",
@@ -356,8 +449,23 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
             early_stopped = true;
             break;
         }
+        // A signal during validation or saving: the epoch is complete and saved, stop at this boundary.
+        if crate::interrupt::requested() && state.epoch < cfg.epochs {
+            eprintln!("saved {} after epoch {}", last_path.display(), state.epoch);
+            return Ok(outcome(&state, true, false, &run.out));
+        }
     }
     Ok(outcome(&state, false, early_stopped, &run.out))
+}
+
+/// The error for a diverged run: what went non-finite, where (epochs and steps counted from 1), and what to do.
+fn diverged(what: &str, epoch: usize, step: usize, steps_per_epoch: usize, lr: f64) -> anyhow::Error {
+    anyhow::anyhow!(
+        "training diverged in epoch {} at step {}/{steps_per_epoch}: {what} (learning rate {lr:e}); lower --lr \
+         (or the config's lr); the run folder keeps the checkpoint of the last completed epoch",
+        epoch + 1,
+        step + 1
+    )
 }
 
 fn outcome(state: &TrainState, interrupted: bool, early_stopped: bool, dir: &Path) -> TrainOutcome {
@@ -387,7 +495,7 @@ fn progress_bar(quiet: bool, steps: usize, epoch: usize, epochs: usize) -> Progr
 fn log_epoch(r: &EpochRecord, epochs: usize, _quiet: bool) {
     eprintln!(
         "epoch {}/{epochs}: train loss {:.4} acc {:.3} | val loss {:.4} acc {:.3} bal {:.3} | frozen {} lr {:.2e}×{} | {:.1}s {:.1} img/s",
-        r.epoch + 1,
+        r.epoch,
         r.train_loss,
         r.train_acc,
         r.val_loss,

@@ -16,7 +16,8 @@ pub const NUM_FEATURE_BLOCKS: usize = 9;
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Stage {
-    /// First epoch (0-based) of the stage.
+    /// Epochs completed before the stage begins (0: from the start; 20: from the 21st epoch, as the console
+    /// counts), the seed's `epoch >= 20` on its 0-based loop counter.
     pub epoch: usize,
     /// Number of leading `features` children frozen (0..=9).
     pub frozen_blocks: usize,
