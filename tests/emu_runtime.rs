@@ -360,13 +360,9 @@ fn a_barrier_loop_sums_each_block_under_every_order() {
             Args::new().ptr(out.as_mut_ptr()).ptr(input.as_ptr() as *mut f32).push(n as i64),
         )
         .unwrap();
-        for b in 0..blocks {
+        for (b, got) in out.iter().enumerate() {
             let want: f64 = (0..n).filter(|i| i / threads % blocks == b).map(|i| f64::from(input[i])).sum();
-            assert!(
-                (f64::from(out[b]) - want).abs() < 1e-3,
-                "seed {seed} {schedule:?} block {b}: {} vs {want}",
-                out[b]
-            );
+            assert!((f64::from(*got) - want).abs() < 1e-3, "seed {seed} {schedule:?} block {b}: {} vs {want}", out[b]);
         }
     }
 }
@@ -584,7 +580,7 @@ fn half_operators_round_to_fp16_at_every_step() {
     sys::set_schedule(forward());
     let seed: u64 = rand::random();
     let mut rng = Pcg64::seed_from_u64(seed);
-    let n = 300;
+    let n = 300i32;
     let input: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..6.0)).collect();
     let mut out = vec![0u16; 3];
     launch(
@@ -592,7 +588,7 @@ fn half_operators_round_to_fp16_at_every_step() {
         (1, 1, 1),
         (32, 1, 1),
         0,
-        Args::new().ptr(out.as_mut_ptr()).ptr(input.as_ptr() as *mut f32).push(n as i32),
+        Args::new().ptr(out.as_mut_ptr()).ptr(input.as_ptr() as *mut f32).push(n),
     )
     .unwrap();
     use half::f16;
@@ -698,7 +694,8 @@ fn syncwarp_waits_only_for_lanes_that_have_not_exited() {
 fn launch_shapes_cuda_refuses_are_errors() {
     sys::set_schedule(forward());
     let mut out = vec![0u32; 4 * 1024];
-    let bad: &[((u32, u32, u32), (u32, u32, u32), u32, &str)] = &[
+    type Dim = (u32, u32, u32);
+    let bad: &[(Dim, Dim, u32, &str)] = &[
         ((1, 1, 1), (1025, 1, 1), 0, "block (1025,1,1)"),
         ((1, 1, 1), (1, 1025, 1), 0, "block (1,1025,1)"),
         ((1, 1, 1), (1, 1, 65), 0, "block (1,1,65)"),
@@ -804,8 +801,9 @@ fn child_read_past_end() {
     if !in_child() {
         return;
     }
-    let input = vec![1.0f32; 37];
-    let mut out = vec![0f32; 1];
+    // Exactly 37 floats on the heap: ASan's redzone starts right after them.
+    let input = vec![1.0f32; 37].into_boxed_slice();
+    let mut out = [0f32; 1];
     let _ = launch(
         "emu_test_read_past_end",
         (1, 1, 1),

@@ -30,6 +30,9 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::Instant;
 
+/// The objects of one compiled source, or the compiler's error.
+type CompileResult = Result<Vec<PathBuf>, String>;
+
 /// One kernel file of the emulated library.
 struct KernelFile {
     /// Path as given to the compiler (absolute).
@@ -94,7 +97,7 @@ pub fn build(out_dir: &Path) -> Result<(), String> {
     // Compile in parallel (cc without its jobserver feature compiles serially), then archive.
     let jobs: usize = std::env::var("NUM_JOBS").ok().and_then(|j| j.parse().ok()).unwrap_or(2).clamp(1, sources.len());
     let next = Mutex::new(0usize);
-    let objects: Mutex<Vec<(usize, Result<Vec<PathBuf>, String>)>> = Mutex::new(Vec::new());
+    let objects: Mutex<Vec<(usize, CompileResult)>> = Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..jobs {
             s.spawn(|| {
@@ -334,10 +337,10 @@ fn dynamic_shared_copy(path: &Path, gen_dir: &Path, ident: &str) -> Result<PathB
 /// `(16) float` -> `float`: what is left of `__align__(16) float` once the macro name is gone.
 fn strip_parenthesised_prefix(ty: &str) -> String {
     let t = ty.trim();
-    if let Some(after) = t.strip_prefix('(') {
-        if let Some(close) = after.find(')') {
-            return after[close + 1..].trim().to_string();
-        }
+    if let Some(after) = t.strip_prefix('(')
+        && let Some(close) = after.find(')')
+    {
+        return after[close + 1..].trim().to_string();
     }
     t.to_string()
 }
