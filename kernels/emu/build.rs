@@ -37,7 +37,13 @@ struct KernelFile {
     /// Unique identifier for its namespace and table function, e.g. `elementwise` or `test_runtime`.
     ident: String,
     /// Its `extern "C" __global__` entry points, in source order.
-    entries: Vec<String>,
+    entries: Vec<Entry>,
+}
+
+struct Entry {
+    name: String,
+    /// The C++ expression of `__launch_bounds__`'s first argument, if the kernel has one.
+    max_threads: Option<String>,
 }
 
 pub fn build(out_dir: &Path) -> Result<(), String> {
@@ -158,8 +164,8 @@ fn emu_flags(root: &Path, asan: bool) -> Vec<String> {
         "-fno-strict-aliasing".to_string(),
         "-include".to_string(),
         emu.join("cuda_emu.h").display().to_string(),
-        // __FILE__ in reports reads kernels/x.cu, not a machine path.
-        format!("-fmacro-prefix-map={}/=", root.display()),
+        // __FILE__ in reports (and UBSan's locations) read kernels/x.cu, not a machine path.
+        format!("-ffile-prefix-map={}/=", root.display()),
     ];
     if asan {
         flags.extend(
@@ -192,7 +198,7 @@ fn base_build(root: &Path, asan: bool) -> cc::Build {
 }
 
 /// Preprocesses `path` with `DERMA_EMU_SCAN` and returns the names of its `extern "C"` kernels.
-fn scan_entries(compiler: &cc::Tool, root: &Path, path: &Path) -> Result<Vec<String>, String> {
+fn scan_entries(compiler: &cc::Tool, root: &Path, path: &Path) -> Result<Vec<Entry>, String> {
     let mut cmd = Command::new(compiler.path());
     cmd.args(["-E", "-P", "-x", "c++", "-DDERMA_EMU_SCAN=1"]);
     for f in emu_flags(root, false) {
@@ -210,19 +216,44 @@ fn scan_entries(compiler: &cc::Tool, root: &Path, path: &Path) -> Result<Vec<Str
     Ok(entry_names(&String::from_utf8_lossy(&out.stdout)))
 }
 
-/// Names following `extern "C" derma_emu_global_mark void` in preprocessed text.
-fn entry_names(text: &str) -> Vec<String> {
+/// Kernels in preprocessed text: `extern "C" derma_emu_global_mark void [derma_emu_launch_bounds_mark(A, ...)]
+/// name (`.
+fn entry_names(text: &str) -> Vec<Entry> {
     let tokens = tokenize(text);
-    let mut names = Vec::new();
-    for w in tokens.windows(5) {
-        if w[0] == "extern" && w[1] == "\"C\"" && w[2] == "derma_emu_global_mark" && w[3] == "void" {
-            let name = w[4].to_string();
-            if name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !names.contains(&name) {
-                names.push(name);
+    let mut entries: Vec<Entry> = Vec::new();
+    for (i, w) in tokens.windows(4).enumerate() {
+        if !(w[0] == "extern" && w[1] == "\"C\"" && w[2] == "derma_emu_global_mark" && w[3] == "void") {
+            continue;
+        }
+        let mut k = i + 4;
+        let mut max_threads = None;
+        if tokens.get(k) == Some(&"derma_emu_launch_bounds_mark") && tokens.get(k + 1) == Some(&"(") {
+            // The first argument: tokens up to the first comma or the closing parenthesis at depth 0.
+            let mut depth = 0;
+            let mut expr = Vec::new();
+            let mut in_first = true;
+            k += 2;
+            while let Some(&t) = tokens.get(k) {
+                k += 1;
+                match t {
+                    "(" => depth += 1,
+                    ")" if depth == 0 => break,
+                    ")" => depth -= 1,
+                    "," if depth == 0 => in_first = false,
+                    _ => {}
+                }
+                if in_first && !(t == "," && depth == 0) {
+                    expr.push(t);
+                }
             }
+            max_threads = Some(expr.join(" "));
+        }
+        let Some(name) = tokens.get(k) else { continue };
+        if name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !entries.iter().any(|e| e.name == *name) {
+            entries.push(Entry { name: name.to_string(), max_threads });
         }
     }
-    names
+    entries
 }
 
 /// A rough C++ tokenizer: identifiers, string literals and single punctuation characters.
@@ -323,7 +354,13 @@ fn find_extern_shared(text: &str) -> Option<Match> {
         let start = from + i;
         let after = &text[start + 6..];
         let ws = after.len() - after.trim_start().len();
-        if ws > 0 && after[ws..].starts_with("__shared__") {
+        // Only a declaration: what precedes it on its line is blank or ends a statement or block (not a comment).
+        let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+        let prefix = text[line_start..start].trim();
+        let starts_declaration = !prefix.contains("//")
+            && !prefix.contains("/*")
+            && (prefix.is_empty() || prefix.ends_with([';', '{', '}']));
+        if ws > 0 && starts_declaration && after[ws..].starts_with("__shared__") {
             return Some(Match { start, len: 6 + ws + "__shared__".len() });
         }
         from = start + 6;
@@ -343,12 +380,19 @@ fn wrapper_source(f: &KernelFile, included: &Path) -> String {
     let name = included.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let _ = writeln!(s, "#include \"{name}\"");
     let _ = writeln!(s, "}}  // namespace {ns}");
-    s.push_str("namespace {\nconst derma_emu::EntryPoint entries[] = {\n");
+    // Launch bounds are expressions of the kernel file: evaluate them where its names are visible.
+    let _ = writeln!(s, "namespace {{\nusing namespace {ns};\nconst derma_emu::EntryPoint entries[] = {{");
     for e in &f.entries {
-        let _ = writeln!(s, "    {{\"{e}\", &derma_emu::trampoline<&{ns}::{e}>, derma_emu::param_count(&{ns}::{e})}},");
+        let name = &e.name;
+        let bound = e.max_threads.as_deref().unwrap_or("1024");
+        let _ = writeln!(
+            s,
+            "    {{\"{name}\", &derma_emu::trampoline<&{ns}::{name}>, derma_emu::param_count(&{ns}::{name}), \
+             (int)({bound})}},"
+        );
     }
     if f.entries.is_empty() {
-        s.push_str("    {nullptr, nullptr, 0},\n");
+        s.push_str("    {nullptr, nullptr, 0, 0},\n");
     }
     s.push_str("};\n}  // namespace\n");
     let _ = writeln!(

@@ -5,8 +5,10 @@
 //
 // Why fibers switch only at sync points: between two sync points CUDA promises nothing about the order in which
 // threads run, so running each thread alone up to its next sync point is one legal interleaving. Choosing the
-// order (forward, reverse, random, warp-reverse) picks different legal interleavings, which is what exposes a
-// missing barrier. What this cannot show: races inside one interleaving step (the memory model), lockstep warp
+// order picks different legal interleavings, which is what exposes a missing barrier: forward, reverse and
+// warp-reverse run one warp at a time through its warp collectives up to the next block barrier (warps 0..W-1;
+// W-1..0 with lanes reversed too; W-1..0 with lanes in order), random runs every ready thread to its next sync
+// point in a fresh random order each time. What this cannot show: races inside one interleaving step (the memory model), lockstep warp
 // timing, and anything of PTX, ptxas or the driver.
 //
 // Shared memory: `__shared__` is `static` storage. Blocks run one after another, so one copy per kernel serves
@@ -36,7 +38,13 @@
 #define __host__
 #define __forceinline__ inline
 #define __noinline__ __attribute__((noinline))
+#ifdef DERMA_EMU_SCAN
+// The scan reads the bound too: a launch with more threads per block than a kernel's __launch_bounds__ fails on
+// the GPU ("too many resources requested"), so the emulator refuses it as well.
+#define __launch_bounds__(...) derma_emu_launch_bounds_mark(__VA_ARGS__)
+#else
 #define __launch_bounds__(...)
+#endif
 #define __align__(n) __attribute__((aligned(n)))
 #define __constant__
 #define __shared__ static
@@ -354,6 +362,8 @@ struct EntryPoint {
     const char* name;
     void (*run)(void** args);
     int params;
+    // __launch_bounds__'s maxThreadsPerBlock, or 1024 when the kernel has none.
+    int max_threads;
 };
 template <typename... P> constexpr int param_count(void (*)(P...)) { return (int)sizeof...(P); }
 

@@ -69,14 +69,16 @@ inline unsigned short __half_as_ushort(__half h) { return h.__x; }
 inline __half __ushort_as_half(unsigned short b) { return __half(__half_raw{b}); }
 inline short __half_as_short(__half h) { return (short)h.__x; }
 inline __half __short_as_half(short b) { return __half(__half_raw{(unsigned short)b}); }
-// Arithmetic rounds once to binary16 after an exact float operation, as the GPU's fp16 units do for + - *.
-inline __half __hadd(__half a, __half b) { return __float2half_rn(__half2float(a) + __half2float(b)); }
-inline __half __hsub(__half a, __half b) { return __float2half_rn(__half2float(a) - __half2float(b)); }
-inline __half __hmul(__half a, __half b) { return __float2half_rn(__half2float(a) * __half2float(b)); }
-inline __half __hdiv(__half a, __half b) { return __float2half_rn(__half2float(a) / __half2float(b)); }
+// Arithmetic: the exact result rounded once to binary16, as the GPU's fp16 units do. The intermediate is a
+// double: + - * of two halves are exact in it, and for / double rounding through 53 bits is harmless
+// (53 >= 2 * 11 + 2), so each result is the correctly rounded one.
+inline __half __hadd(__half a, __half b) { return __double2half((double)__half2float(a) + __half2float(b)); }
+inline __half __hsub(__half a, __half b) { return __double2half((double)__half2float(a) - __half2float(b)); }
+inline __half __hmul(__half a, __half b) { return __double2half((double)__half2float(a) * __half2float(b)); }
+inline __half __hdiv(__half a, __half b) { return __double2half((double)__half2float(a) / __half2float(b)); }
 inline __half __hfma(__half a, __half b, __half c) {
-    // a*b is exact in float (11-bit significands), so one float add then one rounding matches a fused op
-    // except in rare double-rounding cases; double makes the intermediate exact.
+    // a*b is exact in double; adding c is exact too unless their exponents are more than ~30 apart, where the
+    // single rounding of a true fused multiply-add can differ in the last place.
     return __double2half((double)__half2float(a) * __half2float(b) + __half2float(c));
 }
 inline __half __hneg(__half a) { return __ushort_as_half((unsigned short)(a.__x ^ 0x8000u)); }
@@ -84,3 +86,22 @@ inline bool __hisnan(__half a) { return (a.__x & 0x7fffu) > 0x7c00u; }
 inline bool __hisinf(__half a) { return (a.__x & 0x7fffu) == 0x7c00u; }
 inline __half2 __hadd2(__half2 a, __half2 b) { return __half2(__hadd(a.x, b.x), __hadd(a.y, b.y)); }
 inline __half2 __hmul2(__half2 a, __half2 b) { return __half2(__hmul(a.x, b.x), __hmul(a.y, b.y)); }
+
+// Operators as CUDA's header defines them for device code (unless __CUDA_NO_HALF_OPERATORS__): a kernel may
+// write `h += x` with an __half accumulator, and must then get fp16 rounding at every step.
+inline __half operator+(const __half& a, const __half& b) { return __hadd(a, b); }
+inline __half operator-(const __half& a, const __half& b) { return __hsub(a, b); }
+inline __half operator*(const __half& a, const __half& b) { return __hmul(a, b); }
+inline __half operator/(const __half& a, const __half& b) { return __hdiv(a, b); }
+inline __half& operator+=(__half& a, const __half& b) { return a = __hadd(a, b); }
+inline __half& operator-=(__half& a, const __half& b) { return a = __hsub(a, b); }
+inline __half& operator*=(__half& a, const __half& b) { return a = __hmul(a, b); }
+inline __half& operator/=(__half& a, const __half& b) { return a = __hdiv(a, b); }
+inline __half operator-(const __half& a) { return __hneg(a); }
+inline __half operator+(const __half& a) { return a; }
+inline bool operator==(const __half& a, const __half& b) { return __half2float(a) == __half2float(b); }
+inline bool operator!=(const __half& a, const __half& b) { return __half2float(a) != __half2float(b); }
+inline bool operator<(const __half& a, const __half& b) { return __half2float(a) < __half2float(b); }
+inline bool operator>(const __half& a, const __half& b) { return __half2float(a) > __half2float(b); }
+inline bool operator<=(const __half& a, const __half& b) { return __half2float(a) <= __half2float(b); }
+inline bool operator>=(const __half& a, const __half& b) { return __half2float(a) >= __half2float(b); }

@@ -23,6 +23,11 @@ int derma_emu_launch(const char* name, derma_dim3 grid, derma_dim3 block, uint32
                      void** args, char* err, size_t err_len);
 /* "plain" or "asan". */
 const char* derma_emu_flavour(void);
+/* ASan flavour: marks [addr, addr + len) as off limits (any kernel access is then reported as a bad access) or as
+   usable again; no-ops in the plain flavour. For the emulated allocator: the slack between a tensor's bytes and
+   the end of its cached block, so an overrun into it is caught although the host allocation is larger. */
+void derma_emu_mark_inaccessible(const void* addr, size_t len);
+void derma_emu_mark_accessible(const void* addr, size_t len);
 
 #ifdef __cplusplus
 }

@@ -24,6 +24,7 @@
 #endif
 
 #if defined(DERMA_EMU_ASAN)
+#include <dlfcn.h>
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
@@ -322,27 +323,10 @@ bool ensure_stacks(int n, std::string& err) {
 }
 
 // ---- thread order ------------------------------------------------------------------------------------------------------
-void make_order(std::vector<int>& order, int n, int kind, Rng& rng) {
+void random_order(std::vector<int>& order, int n, Rng& rng) {
     order.resize(n);
-    switch (kind) {
-        case DERMA_EMU_REVERSE:
-            for (int i = 0; i < n; ++i) order[i] = n - 1 - i;
-            break;
-        case DERMA_EMU_RANDOM:
-            for (int i = 0; i < n; ++i) order[i] = i;
-            for (int i = n - 1; i > 0; --i) std::swap(order[i], order[rng.below((uint32_t)i + 1)]);
-            break;
-        case DERMA_EMU_WARP_REVERSE: {
-            // Warps last to first, lanes in order inside each: a warp reads what a later warp writes before it is
-            // written, which forward order hides.
-            int k = 0;
-            for (int w = (n - 1) / 32; w >= 0; --w)
-                for (int l = w * 32; l < n && l < w * 32 + 32; ++l) order[k++] = l;
-            break;
-        }
-        default:
-            for (int i = 0; i < n; ++i) order[i] = i;
-    }
+    for (int i = 0; i < n; ++i) order[i] = i;
+    for (int i = n - 1; i > 0; --i) std::swap(order[i], order[rng.below((uint32_t)i + 1)]);
 }
 
 // ---- warp collectives -------------------------------------------------------------------------------------------------
@@ -379,12 +363,13 @@ int shuffle_source(int op, int lane, int b, int width) {
     return ok ? j : lane;
 }
 
-// Resolves every warp collective whose lanes have all arrived. Returns whether any was resolved.
-bool resolve_warps() {
+// Resolves every collective of the warp starting at thread `base` whose lanes have all arrived. Returns whether
+// any was resolved (false too on an error, which fail() records).
+bool resolve_warp(int base) {
     auto& fibers = g_launch.fibers;
     const int n = g_launch.nthreads;
     bool resolved = false;
-    for (int base = 0; base < n; base += 32) {
+    {
         const int present = n - base < 32 ? n - base : 32;
         for (int l = 0; l < present; ++l) {
             Fiber& f = fibers[base + l];
@@ -468,6 +453,12 @@ bool resolve_warps() {
     return resolved;
 }
 
+bool resolve_warps() {
+    bool resolved = false;
+    for (int base = 0; base < g_launch.nthreads && !g_launch.failed; base += 32) resolved |= resolve_warp(base);
+    return resolved && !g_launch.failed;
+}
+
 // Releases the block barrier when every live thread waits at it; reports a deadlock or a divergent barrier when
 // it cannot be released. Returns whether the block can go on.
 bool resolve_barrier() {
@@ -545,13 +536,40 @@ bool run_block(uint3 block, Schedule& sched) {
 #endif
         fiber_init(f);
     }
+    const int nwarps = (n + 31) / 32;
     for (;;) {
-        make_order(g_launch.order, n, sched.threads, sched.rng);
-        for (int i : g_launch.order) {
-            Fiber& f = fibers[i];
-            if (f.state != State::Ready) continue;
-            resume(f);
-            if (g_launch.failed) return false;
+        if (sched.threads == DERMA_EMU_RANDOM) {
+            // Finest interleaving: every ready thread runs to its next sync point in a fresh random order, and a
+            // warp collective completes as soon as its last lane arrives.
+            random_order(g_launch.order, n, sched.rng);
+            for (int i : g_launch.order) {
+                Fiber& f = fibers[i];
+                if (f.state != State::Ready) continue;
+                resume(f);
+                if (g_launch.failed) return false;
+                if (f.state == State::AtWarp) resolve_warp(i / 32 * 32);
+                if (g_launch.failed) return false;
+            }
+        } else {
+            // Warp at a time: a warp runs through its collectives until it waits at the block barrier or exits,
+            // then the next warp runs. Warps are independent between block barriers on the GPU, so this is a
+            // legal order, and the most adversarial one for shared memory: with warps in reverse, the last warp
+            // gets through a whole phase (reading and overwriting shared data) before warp 0 starts it.
+            const bool warps_reversed = sched.threads == DERMA_EMU_REVERSE || sched.threads == DERMA_EMU_WARP_REVERSE;
+            const bool lanes_reversed = sched.threads == DERMA_EMU_REVERSE;
+            for (int k = 0; k < nwarps; ++k) {
+                const int base = (warps_reversed ? nwarps - 1 - k : k) * 32;
+                const int present = n - base < 32 ? n - base : 32;
+                do {
+                    for (int l = 0; l < present; ++l) {
+                        Fiber& f = fibers[base + (lanes_reversed ? present - 1 - l : l)];
+                        if (f.state != State::Ready) continue;
+                        resume(f);
+                        if (g_launch.failed) return false;
+                    }
+                } while (resolve_warp(base));
+                if (g_launch.failed) return false;
+            }
         }
         bool all_done = true;
         for (const Fiber& f : fibers) all_done &= f.state == State::Done;
@@ -577,8 +595,8 @@ bool check_shape(const char* name, derma_dim3 grid, derma_dim3 block, uint32_t s
         return false;
     }
     if (shared > derma_emu::kMaxSharedBytes) {
-        err = format("kernel %s: %u bytes of dynamic shared memory is more than the %u a block may have without "
-                     "opting in",
+        err = format("kernel %s: %u bytes of dynamic shared memory is more than the %u bytes CUDA lets a block "
+                     "have without opting in",
                      name, shared, derma_emu::kMaxSharedBytes);
         return false;
     }
@@ -591,6 +609,17 @@ void copy_error(const std::string& msg, char* err, size_t err_len) {
     memcpy(err, msg.data(), n);
     err[n] = 0;
 }
+
+#if defined(DERMA_EMU_ASAN)
+// Runs when ASan or UBSan stops the process: says which launch, block and thread made the bad access (the
+// sanitizer's own report names the kernel function and source line).
+void report_launch_on_death() {
+    if (!g_launch.current) return;
+    const Fiber& f = *g_launch.current;
+    fprintf(stderr, "derma emu: the access above was made by kernel %s, %s, %s\n", g_launch.kernel,
+            where_block().c_str(), where_thread(f).c_str());
+}
+#endif
 
 const derma_emu::EntryPoint* find_kernel(const char* name) {
     size_t count = 0;
@@ -657,6 +686,24 @@ void derma_emu_set_schedule(int thread_order, int block_order, uint64_t seed) {
     tls_schedule.rng = Rng{seed};
 }
 
+void derma_emu_mark_inaccessible(const void* addr, size_t len) {
+#if defined(DERMA_EMU_ASAN)
+    if (addr && len) __asan_poison_memory_region(addr, len);
+#else
+    (void)addr;
+    (void)len;
+#endif
+}
+
+void derma_emu_mark_accessible(const void* addr, size_t len) {
+#if defined(DERMA_EMU_ASAN)
+    if (addr && len) __asan_unpoison_memory_region(addr, len);
+#else
+    (void)addr;
+    (void)len;
+#endif
+}
+
 int derma_emu_has_kernel(const char* name) { return name && find_kernel(name) ? 1 : 0; }
 
 const char* derma_emu_flavour(void) {
@@ -688,7 +735,27 @@ int derma_emu_launch(const char* name, derma_dim3 grid, derma_dim3 block, uint32
         copy_error(msg, err, err_len);
         return 1;
     }
+    if ((uint64_t)block.x * block.y * block.z > (uint64_t)entry->max_threads) {
+        copy_error(format("kernel %s: block (%u,%u,%u) has %u threads, more than its __launch_bounds__(%d) allows; "
+                          "the GPU refuses such a launch",
+                          name, block.x, block.y, block.z, block.x * block.y * block.z, entry->max_threads),
+                   err, err_len);
+        return 1;
+    }
     std::lock_guard<std::mutex> lock(g_launch_mutex);
+#if defined(DERMA_EMU_ASAN)
+    static const bool death_callback_set = [] {
+        __sanitizer_set_death_callback(report_launch_on_death);
+        // GCC's UBSan runtime is a library of its own with its own copy of the callback.
+        if (void* ubsan = dlopen("libubsan.so.1", RTLD_NOW | RTLD_NOLOAD)) {
+            using SetCallback = void (*)(void (*)());
+            if (auto set = reinterpret_cast<SetCallback>(dlsym(ubsan, "__sanitizer_set_death_callback")))
+                set(report_launch_on_death);
+        }
+        return true;
+    }();
+    (void)death_callback_set;
+#endif
     const int nthreads = (int)(block.x * block.y * block.z);
     if (!ensure_stacks(nthreads, msg)) {
         copy_error(format("kernel %s: ", name) + msg, err, err_len);

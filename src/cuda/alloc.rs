@@ -391,4 +391,37 @@ mod tests {
         assert!(e.contains("8.00 MiB is in use"), "{e}");
         drop(b);
     }
+
+    #[test]
+    fn host_alloc_is_aligned_poisoned_and_freed() {
+        let raw = HostAlloc::new();
+        let ptrs: Vec<u64> = [1usize, 512, 640, 4096, 100_000].iter().map(|&b| raw.alloc(b).unwrap()).collect();
+        for &p in &ptrs {
+            assert_eq!(p % EMULATED_ALIGN as u64, 0, "{p:#x}");
+        }
+        // SAFETY: the 512-byte block was just allocated and filled.
+        let bytes = unsafe { std::slice::from_raw_parts(ptrs[1] as *const u8, 512) };
+        assert!(bytes.iter().all(|&b| b == 0xFF), "fresh emulated memory reads as NaN");
+        assert!(f32::from_bits(u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])).is_nan());
+        for p in ptrs {
+            raw.free(p);
+        }
+        assert!(raw.live.lock().unwrap().is_empty());
+        // Freeing an unknown pointer is ignored, not a crash.
+        raw.free(0x1000);
+        let e = raw.alloc(1 << 50).unwrap_err();
+        assert!(e.contains("emulated device"), "{e}");
+    }
+
+    #[test]
+    fn caching_allocator_runs_on_host_memory() {
+        let a = CachingAllocator::new(Box::new(HostAlloc::new()));
+        for _ in 0..3 {
+            let b = a.alloc(1000).unwrap();
+            assert_eq!(b.addr() % 256, 0);
+            assert_eq!((b.len_bytes(), b.class_bytes()), (1000, 1024));
+        }
+        let s = a.stats();
+        assert_eq!((s.raw_allocs, s.reuses, s.in_use, s.cached), (1, 2, 0, 1024));
+    }
 }

@@ -83,43 +83,49 @@ impl<'a> DevSlice<'a> {
     }
 }
 
-fn opt_checked<T>(s: Option<DevSlice<'_>>, elems: usize, what: &str) -> Result<u64> {
-    s.map(|s| s.checked::<T>(elems, what)).transpose().map(|a| a.unwrap_or(0))
+/// A byte range of device memory one launch touches (address 0: an absent optional buffer).
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    name: &'static str,
+    addr: u64,
+    bytes: usize,
 }
 
-/// One buffer a launch touches: name, device address (0 when absent), bytes, whether the kernel writes it.
-type Touch<'n> = (&'n str, u64, usize, bool);
+impl Span {
+    fn new(name: &'static str, addr: u64, bytes: usize) -> Self {
+        Self { name, addr, bytes }
+    }
 
-/// A buffer the kernel writes: `elems` values of `T` at `addr`.
-fn wr<T>(name: &str, addr: u64, elems: usize) -> Touch<'_> {
-    (name, addr, elems * size_of::<T>(), true)
+    fn overlaps(&self, o: &Span) -> bool {
+        self.addr != 0 && o.addr != 0 && self.addr < o.addr + o.bytes as u64 && o.addr < self.addr + self.bytes as u64
+    }
 }
 
-/// A buffer the kernel only reads.
-fn rd<T>(name: &str, addr: u64, elems: usize) -> Touch<'_> {
-    (name, addr, elems * size_of::<T>(), false)
+/// The span of `elems` values of `T` at `addr`.
+fn span<T>(name: &'static str, addr: u64, elems: usize) -> Span {
+    Span::new(name, addr, elems * size_of::<T>())
 }
 
-/// Kernels whose pointers are `__restrict__` promise the compiler that nothing they write overlaps another buffer
-/// of the launch, so they never run in place: an error naming the kernel when a call's written buffer overlaps
-/// another one (reads may share memory).
-fn no_overlap(kernel: &str, bufs: &[Touch]) -> Result<()> {
-    let live: Vec<&Touch> = bufs.iter().filter(|b| b.1 != 0 && b.2 > 0).collect();
-    for (i, a) in live.iter().enumerate() {
-        for b in &live[i + 1..] {
-            let overlap = a.1 < b.1 + b.2 as u64 && b.1 < a.1 + a.2 as u64;
-            if overlap && (a.3 || b.3) {
-                let written = if a.3 { a.0 } else { b.0 };
-                bail!(
-                    "{kernel}: {} and {} overlap, and {written} is written through a __restrict__ pointer: this \
-                     kernel does not run in place; give it separate buffers",
-                    a.0,
-                    b.0
-                );
-            }
+/// Refuses a launch where an output overlaps another output or an input: the kernels declare their pointers
+/// `__restrict__`, so the compiler may keep a value in a register across a store to memory that aliases it, and
+/// an in-place call would read stale or half-updated data. The check is on the byte ranges the shape addresses.
+fn no_alias(kernel: &str, outputs: &[Span], inputs: &[Span]) -> Result<()> {
+    for (i, o) in outputs.iter().enumerate() {
+        for other in outputs[i + 1..].iter().chain(inputs) {
+            ensure!(
+                !o.overlaps(other),
+                "{kernel}: output {} overlaps {} (the kernel's pointers are __restrict__, so it cannot run in place): \
+                 give it a separate buffer",
+                o.name,
+                other.name
+            );
         }
     }
     Ok(())
+}
+
+fn opt_checked<T>(s: Option<DevSlice<'_>>, elems: usize, what: &str) -> Result<u64> {
+    s.map(|s| s.checked::<T>(elems, what)).transpose().map(|a| a.unwrap_or(0))
 }
 
 /// Mirror of `BnParams` in kernels/batchnorm.cu.
@@ -455,8 +461,8 @@ impl Kernels {
     pub fn unary<T: Elem>(&self, s: &Stream, op: Unary, y: DevSlice, x: DevSlice, n: usize) -> Result<()> {
         let f = self.entry("elementwise", &format!("{}_fwd_{}", op.name(), T::SUFFIX))?;
         let (y, x) = (y.checked::<T>(n, "unary y")?, x.checked::<T>(n, "unary x")?);
-        no_overlap(&f.name, &[wr::<T>("y", y, n), rd::<T>("x", x, n)])?;
         let n = n as i64;
+        no_alias("unary", &[span::<T>("y", y, n as usize)], &[span::<T>("x", x, n as usize)])?;
         // SAFETY: y and x hold n elements of T (checked above); the kernel reads x[0..n) and writes y[0..n).
         unsafe { Launch::new(&f).arg(&y).arg(&x).arg(&n).run(s, self.flat_cfg(n as usize)) }
     }
@@ -475,8 +481,13 @@ impl Kernels {
         let dx = dx.checked::<T>(n, "unary backward dx")?;
         let saved = saved.checked::<T>(n, "unary backward saved")?;
         let dy = dy.checked::<T>(n, "unary backward dy")?;
-        no_overlap(&f.name, &[wr::<T>("dx", dx, n), rd::<T>("saved", saved, n), rd::<T>("dy", dy, n)])?;
         let n = n as i64;
+        let n_ = n as usize;
+        no_alias(
+            "unary backward",
+            &[span::<T>("dx", dx, n_)],
+            &[span::<T>("saved", saved, n_), span::<T>("dy", dy, n_)],
+        )?;
         // SAFETY: all three buffers hold n elements of T (checked above).
         unsafe { Launch::new(&f).arg(&dx).arg(&saved).arg(&dy).arg(&n).run(s, self.flat_cfg(n as usize)) }
     }
@@ -485,8 +496,9 @@ impl Kernels {
     pub fn add<T: Elem>(&self, s: &Stream, y: DevSlice, a: DevSlice, b: DevSlice, n: usize) -> Result<()> {
         let f = self.entry("elementwise", &format!("add_{}", T::SUFFIX))?;
         let (y, a, b) = (y.checked::<T>(n, "add y")?, a.checked::<T>(n, "add a")?, b.checked::<T>(n, "add b")?);
-        no_overlap(&f.name, &[wr::<T>("y", y, n), rd::<T>("a", a, n), rd::<T>("b", b, n)])?;
         let n = n as i64;
+        let n_ = n as usize;
+        no_alias("add", &[span::<T>("y", y, n_)], &[span::<T>("a", a, n_), span::<T>("b", b, n_)])?;
         // SAFETY: all three buffers hold n elements of T (checked above).
         unsafe { Launch::new(&f).arg(&y).arg(&a).arg(&b).arg(&n).run(s, self.flat_cfg(n as usize)) }
     }
@@ -496,8 +508,8 @@ impl Kernels {
         let name = if axpy { "axpy" } else { "scale" };
         let f = self.entry("elementwise", &format!("{name}_{}", T::SUFFIX))?;
         let (y, x) = (y.checked::<T>(n, "scale y")?, x.checked::<T>(n, "scale x")?);
-        no_overlap(&f.name, &[wr::<T>("y", y, n), rd::<T>("x", x, n)])?;
         let n = n as i64;
+        no_alias(name, &[span::<T>("y", y, n as usize)], &[span::<T>("x", x, n as usize)])?;
         // SAFETY: both buffers hold n elements of T (checked above).
         unsafe { Launch::new(&f).arg(&y).arg(&x).arg(&alpha).arg(&n).run(s, self.flat_cfg(n as usize)) }
     }
@@ -510,9 +522,9 @@ impl Kernels {
             ("cast_f16_to_f32", y.checked::<f32>(n, "cast y")?, x.checked::<half::f16>(n, "cast x")?)
         };
         let f = self.entry("elementwise", name)?;
-        let (ys, xs) = if to_half { (2, 4) } else { (4, 2) };
-        no_overlap(&f.name, &[wr::<u8>("y", y, n * ys), rd::<u8>("x", x, n * xs)])?;
         let n = n as i64;
+        let (es_y, es_x) = if to_half { (2, 4) } else { (4, 2) };
+        no_alias(name, &[Span::new("y", y, n as usize * es_y)], &[Span::new("x", x, n as usize * es_x)])?;
         // SAFETY: x and y hold n elements of their types (checked above).
         unsafe { Launch::new(&f).arg(&y).arg(&x).arg(&n).run(s, self.flat_cfg(n as usize)) }
     }
@@ -555,16 +567,17 @@ impl Kernels {
         let ws = workspace.checked::<[f32; 2]>(p.rows_split as usize * c, "bn workspace")?;
         let f1 = self.entry("batchnorm", &format!("bn_stats_partial_{}", T::SUFFIX))?;
         let f2 = self.entry("batchnorm", &format!("bn_stats_finalize_{}", T::SUFFIX))?;
-        let rows = p.rows_split as usize;
-        let touched = [
-            rd::<T>("x", x, m * c),
-            wr::<[f32; 2]>("workspace", ws, rows * c),
-            wr::<f32>("mean", mean, c),
-            wr::<f32>("invstd", invstd, c),
-            wr::<f32>("running_mean", rm, c),
-            wr::<f32>("running_var", rv, c),
-        ];
-        no_overlap(&f2.name, &touched)?;
+        no_alias(
+            "bn_stats",
+            &[
+                span::<f32>("mean", mean, c),
+                span::<f32>("invstd", invstd, c),
+                span::<f32>("running_mean", rm, c),
+                span::<f32>("running_var", rv, c),
+                span::<[f32; 2]>("workspace", ws, p.rows_split as usize * c),
+            ],
+            &[span::<T>("x", x, m * c)],
+        )?;
         // SAFETY: x holds M*C elements, the workspace rows_split*C float2, mean/invstd/running C floats (checked
         // above); a null running pointer is skipped by the kernel.
         unsafe {
@@ -626,11 +639,17 @@ impl Kernels {
         let gamma = gamma.checked::<f32>(c, "bn gamma")?;
         let beta = beta.checked::<f32>(c, "bn beta")?;
         let f = self.entry("batchnorm", &format!("bn_forward_{}", T::SUFFIX))?;
-        let per_channel =
-            [("mean", mean), ("invstd", invstd), ("gamma", gamma), ("beta", beta)].map(|(n, a)| rd::<f32>(n, a, c));
-        let mut touched = vec![wr::<T>("y", y, m * c), rd::<T>("x", x, m * c)];
-        touched.extend(per_channel);
-        no_overlap(&f.name, &touched)?;
+        no_alias(
+            "bn_forward",
+            &[span::<T>("y", y, m * c)],
+            &[
+                span::<T>("x", x, m * c),
+                span::<f32>("mean", mean, c),
+                span::<f32>("invstd", invstd, c),
+                span::<f32>("gamma", gamma, c),
+                span::<f32>("beta", beta, c),
+            ],
+        )?;
         // SAFETY: x, y hold M*C elements; the per-channel buffers C floats (checked above).
         unsafe {
             Launch::new(&f)
@@ -682,19 +701,24 @@ impl Kernels {
         let f1 = self.entry("batchnorm", &format!("bn_backward_partial_{}", T::SUFFIX))?;
         let f2 = self.entry("batchnorm", "bn_backward_finalize")?;
         let f3 = self.entry("batchnorm", &format!("bn_backward_dx_{}", T::SUFFIX))?;
-        let per_channel =
-            [("mean", mean), ("invstd", invstd), ("gamma", gamma), ("beta", beta)].map(|(n, a)| rd::<f32>(n, a, c));
-        let mut touched = vec![
-            wr::<T>("dx", dx, m * c),
-            rd::<T>("x", x, m * c),
-            rd::<T>("dy", dy, m * c),
-            wr::<f32>("dgamma", dgamma, c),
-            wr::<f32>("dbeta", dbeta, c),
-            wr::<[f32; 2]>("workspace", ws, p.rows_split as usize * c),
-            wr::<f32>("sums", sums, 2 * c),
-        ];
-        touched.extend(per_channel);
-        no_overlap(&f3.name, &touched)?;
+        no_alias(
+            "bn_backward",
+            &[
+                span::<T>("dx", dx, m * c),
+                span::<f32>("dgamma", dgamma, c),
+                span::<f32>("dbeta", dbeta, c),
+                span::<[f32; 2]>("workspace", ws, p.rows_split as usize * c),
+                span::<f32>("sums", sums, 2 * c),
+            ],
+            &[
+                span::<T>("x", x, m * c),
+                span::<T>("dy", dy, m * c),
+                span::<f32>("mean", mean, c),
+                span::<f32>("invstd", invstd, c),
+                span::<f32>("gamma", gamma, c),
+                span::<f32>("beta", beta, c),
+            ],
+        )?;
         // SAFETY: every buffer was checked against M, C and rows_split above; null dgamma/dbeta are skipped.
         unsafe {
             Launch::new(&f1)
@@ -742,12 +766,12 @@ impl Kernels {
         let x = x.checked::<T>(n * p.h as usize * p.w as usize * c, "depthwise x")?;
         let w = w.checked::<T>((p.k * p.k) as usize * c, "depthwise w")?;
         let f = self.entry("depthwise", &format!("dw_forward_{}", T::SUFFIX))?;
-        let touched = [
-            wr::<T>("y", y, out_elems),
-            rd::<T>("x", x, n * p.h as usize * p.w as usize * c),
-            rd::<T>("w", w, (p.k * p.k) as usize * c),
-        ];
-        no_overlap(&f.name, &touched)?;
+        let in_elems = n * p.h as usize * p.w as usize * c;
+        no_alias(
+            "dw_forward",
+            &[span::<T>("y", y, out_elems)],
+            &[span::<T>("x", x, in_elems), span::<T>("w", w, (p.k * p.k) as usize * c)],
+        )?;
         // SAFETY: shapes checked above; the kernel indexes only inside them.
         unsafe { Launch::new(&f).arg(&y).arg(&x).arg(&w).arg(p).run(s, self.flat_cfg(out_elems))? };
         Ok(())
@@ -769,12 +793,12 @@ impl Kernels {
         let dy = dy.checked::<T>(n * p.ho as usize * p.wo as usize * c, "depthwise dy")?;
         let w = w.checked::<T>((p.k * p.k) as usize * c, "depthwise w")?;
         let f = self.entry("depthwise", &format!("dw_backward_data_{}", T::SUFFIX))?;
-        let touched = [
-            wr::<T>("dx", dx, in_elems),
-            rd::<T>("dy", dy, n * p.ho as usize * p.wo as usize * c),
-            rd::<T>("w", w, (p.k * p.k) as usize * c),
-        ];
-        no_overlap(&f.name, &touched)?;
+        let out_elems = n * p.ho as usize * p.wo as usize * c;
+        no_alias(
+            "dw_backward_data",
+            &[span::<T>("dx", dx, in_elems)],
+            &[span::<T>("dy", dy, out_elems), span::<T>("w", w, (p.k * p.k) as usize * c)],
+        )?;
         // SAFETY: shapes checked above.
         unsafe { Launch::new(&f).arg(&dx).arg(&dy).arg(&w).arg(p).run(s, self.flat_cfg(in_elems))? };
         Ok(())
@@ -803,19 +827,20 @@ impl Kernels {
         let ws = workspace.checked::<f32>(p.rows_split as usize * kk * c, "depthwise workspace")?;
         let f1 = self.entry("depthwise", &format!("dw_backward_weight_partial_{}", T::SUFFIX))?;
         let f2 = self.entry("depthwise", "sum_rows_f32")?;
-        let touched = [
-            wr::<f32>("workspace", ws, p.rows_split as usize * kk * c),
-            rd::<T>("x", x, n * p.h as usize * p.w as usize * c),
-            rd::<T>("dy", dy, n * p.ho as usize * p.wo as usize * c),
-            wr::<f32>("dw", dw, kk * c),
-        ];
-        no_overlap(&f1.name, &touched)?;
         let cfg = LaunchConfig {
             grid_dim: ((c as u32).div_ceil(32), kk as u32, p.rows_split as u32),
             block_dim: (32, 8, 1),
             shared_mem_bytes: 0,
         };
         let (rows, cols, acc) = (p.rows_split, (kk * c) as i64, accumulate as i32);
+        no_alias(
+            "dw_backward_weight",
+            &[span::<f32>("dw", dw, kk * c), span::<f32>("workspace", ws, p.rows_split as usize * kk * c)],
+            &[
+                span::<T>("x", x, n * p.h as usize * p.w as usize * c),
+                span::<T>("dy", dy, n * p.ho as usize * p.wo as usize * c),
+            ],
+        )?;
         // SAFETY: shapes and the workspace size checked above.
         unsafe {
             Launch::new(&f1).arg(&ws).arg(&x).arg(&dy).arg(&p).run(s, cfg)?;
@@ -839,10 +864,8 @@ impl Kernels {
         let out = out.checked::<T>((n * c) as usize, "se pool out")?;
         let x = x.checked::<T>(n as usize * hw as usize * c as usize, "se pool x")?;
         let f = self.entry("se", &format!("se_pool_{}", T::SUFFIX))?;
-        no_overlap(
-            &f.name,
-            &[wr::<T>("out", out, (n * c) as usize), rd::<T>("x", x, n as usize * hw as usize * c as usize)],
-        )?;
+        let (nc, total) = ((n * c) as usize, n as usize * hw as usize * c as usize);
+        no_alias("se_pool", &[span::<T>("out", out, nc)], &[span::<T>("x", x, total)])?;
         // SAFETY: shapes checked above.
         unsafe { Launch::new(&f).arg(&out).arg(&x).arg(&hw).arg(&c).run(s, Self::se_reduce_cfg(n, c))? };
         Ok(())
@@ -863,7 +886,7 @@ impl Kernels {
         let dx = dx.checked::<T>(total, "se pool dx")?;
         let dout = dout.checked::<T>((n * c) as usize, "se pool dout")?;
         let f = self.entry("se", &format!("se_pool_backward_{}", T::SUFFIX))?;
-        no_overlap(&f.name, &[wr::<T>("dx", dx, total), rd::<T>("dout", dout, (n * c) as usize)])?;
+        no_alias("se_pool_backward", &[span::<T>("dx", dx, total)], &[span::<T>("dout", dout, (n * c) as usize)])?;
         // SAFETY: shapes checked above.
         unsafe { Launch::new(&f).arg(&dx).arg(&dout).arg(&n).arg(&hw).arg(&c).run(s, self.flat_cfg(total))? };
         Ok(())
@@ -886,7 +909,11 @@ impl Kernels {
         let x = x.checked::<T>(total, "se scale x")?;
         let sc = scale.checked::<T>((n * c) as usize, "se scale s")?;
         let f = self.entry("se", &format!("se_scale_{}", T::SUFFIX))?;
-        no_overlap(&f.name, &[wr::<T>("y", y, total), rd::<T>("x", x, total), rd::<T>("s", sc, (n * c) as usize)])?;
+        no_alias(
+            "se_scale",
+            &[span::<T>("y", y, total)],
+            &[span::<T>("x", x, total), span::<T>("scale", sc, (n * c) as usize)],
+        )?;
         // SAFETY: shapes checked above.
         unsafe { Launch::new(&f).arg(&y).arg(&x).arg(&sc).arg(&n).arg(&hw).arg(&c).run(s, self.flat_cfg(total / 4))? };
         Ok(())
@@ -911,14 +938,11 @@ impl Kernels {
         let sc = scale.checked::<T>((n * c) as usize, "se scale s")?;
         let dy = dy.checked::<T>(total, "se scale dy")?;
         let f = self.entry("se", &format!("se_scale_backward_{}", T::SUFFIX))?;
-        let touched = [
-            wr::<T>("dx", dx, total),
-            wr::<T>("dscale", ds, (n * c) as usize),
-            rd::<T>("x", x, total),
-            rd::<T>("s", sc, (n * c) as usize),
-            rd::<T>("dy", dy, total),
-        ];
-        no_overlap(&f.name, &touched)?;
+        no_alias(
+            "se_scale_backward",
+            &[span::<T>("dx", dx, total), span::<T>("dscale", ds, (n * c) as usize)],
+            &[span::<T>("x", x, total), span::<T>("scale", sc, (n * c) as usize), span::<T>("dy", dy, total)],
+        )?;
         // SAFETY: shapes checked above; a null dx is skipped by the kernel.
         unsafe {
             Launch::new(&f)
@@ -939,8 +963,8 @@ impl Kernels {
         ensure!((0.0..1.0).contains(&p), "dropout probability {p} must be in [0, 1)");
         let (y, x) = (y.checked::<T>(n, "dropout y")?, x.checked::<T>(n, "dropout x")?);
         let f = self.entry("dropout", &format!("dropout_{}", T::SUFFIX))?;
-        no_overlap(&f.name, &[wr::<T>("y", y, n), rd::<T>("x", x, n)])?;
         let n = n as i64;
+        no_alias("dropout", &[span::<T>("y", y, n as usize)], &[span::<T>("x", x, n as usize)])?;
         // SAFETY: both buffers hold n elements (checked above).
         unsafe { Launch::new(&f).arg(&y).arg(&x).arg(&p).arg(&seed).arg(&n).run(s, self.flat_cfg(n as usize))? };
         Ok(())
@@ -968,8 +992,12 @@ impl Kernels {
         let x = x.checked::<T>(n, "stochastic depth x")?;
         let r = opt_checked::<T>(residual, n, "stochastic depth residual")?;
         let f = self.entry("dropout", &format!("stochastic_depth_{}", T::SUFFIX))?;
-        no_overlap(&f.name, &[wr::<T>("y", y, n), rd::<T>("x", x, n), rd::<T>("residual", r, n)])?;
         let (n, per) = (n as i64, per_sample as i64);
+        no_alias(
+            "stochastic_depth",
+            &[span::<T>("y", y, n as usize)],
+            &[span::<T>("x", x, n as usize), span::<T>("residual", r, n as usize)],
+        )?;
         // SAFETY: buffers hold n elements (checked above); a null residual is skipped.
         unsafe {
             Launch::new(&f)
@@ -1010,17 +1038,21 @@ impl Kernels {
         let targets = targets.checked::<i32>(b, "targets")?;
         let alpha = opt_checked::<f32>(alpha, k, "class weights")?;
         let f = self.entry("loss", &format!("softmax_loss_{}", T::SUFFIX))?;
-        let touched = [
-            wr::<f32>("loss", loss, 1),
-            wr::<T>("dlogits", dl, b * k),
-            wr::<f32>("probs", probs, b * k),
-            wr::<i32>("bad_target", bad, 1),
-            rd::<T>("logits", logits, b * k),
-            rd::<i32>("targets", targets, b),
-            rd::<f32>("class weights", alpha, k),
-        ];
-        no_overlap(&f.name, &touched)?;
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        no_alias(
+            "softmax_loss",
+            &[
+                span::<f32>("loss", loss, 1),
+                span::<T>("dlogits", dl, b * k),
+                span::<f32>("probs", probs, b * k),
+                span::<i32>("bad_target", bad, 1),
+            ],
+            &[
+                span::<T>("logits", logits, b * k),
+                span::<i32>("targets", targets, b),
+                span::<f32>("class weights", alpha, k),
+            ],
+        )?;
         // SAFETY: shapes checked above; null probs / alpha are handled by the kernel.
         unsafe {
             Launch::new(&f)
@@ -1080,15 +1112,16 @@ impl Kernels {
         let p16 = opt_checked::<half::f16>(p16, n, "adamw fp16 copy")?;
         let fi = opt_checked::<i32>(found_inf, 1, "found_inf")?;
         let f = self.entry("optim", "adamw_f32")?;
-        let touched = [
-            wr::<f32>("params", p, n),
-            rd::<f32>("grads", g, n),
-            wr::<f32>("m", m, n),
-            wr::<f32>("v", v, n),
-            wr::<half::f16>("fp16 copy", p16, n),
-            rd::<i32>("found_inf", fi, 1),
-        ];
-        no_overlap(&f.name, &touched)?;
+        no_alias(
+            "adamw",
+            &[
+                span::<f32>("params", p, n),
+                span::<f32>("m", m, n),
+                span::<f32>("v", v, n),
+                span::<half::f16>("fp16 copy", p16, n),
+            ],
+            &[span::<f32>("grads", g, n), span::<i32>("found_inf", fi, 1)],
+        )?;
         // SAFETY: all buffers hold n elements (checked above); null p16 / found_inf are skipped.
         unsafe {
             Launch::new(&f).arg(&p).arg(&g).arg(&m).arg(&v).arg(&p16).arg(&fi).arg(a).run(s, self.flat_cfg(n / 4))?
@@ -1153,25 +1186,23 @@ mod tests {
     }
 
     #[test]
-    fn restrict_kernels_refuse_overlapping_outputs() {
-        // Disjoint, and reads sharing memory: fine.
-        no_overlap("k", &[wr::<f32>("y", 0x1000, 4), rd::<f32>("x", 0x1010, 4), rd::<f32>("z", 0x1010, 4)]).unwrap();
-        // Absent (null) optional buffers are ignored.
-        no_overlap("k", &[wr::<f32>("y", 0x1000, 4), wr::<f32>("probs", 0, 4)]).unwrap();
-        let e = no_overlap("k", &[rd::<f32>("x", 0x1000, 4), wr::<f32>("y", 0x100c, 4)]).unwrap_err().to_string();
-        assert!(e.contains("k: x and y overlap") && e.contains("y is written"), "{e}");
-        // On the emulated device the wrapper refuses an in-place call before launching, naming the kernel.
+    fn restrict_kernels_refuse_in_place_calls() {
+        let (a, b) = (span::<f32>("y", 0x1000, 4), span::<f32>("x", 0x100c, 4));
+        let e = no_alias("k", &[a], &[b]).unwrap_err().to_string();
+        assert!(e.contains("k: output y overlaps x"), "{e}");
+        // Disjoint buffers, and absent (null) optional ones, pass.
+        no_alias("k", &[span::<f32>("y", 0x1000, 4), span::<f32>("p", 0, 4)], &[span::<f32>("x", 0x1010, 4)]).unwrap();
+        // On the emulated device the wrappers refuse before launching.
         let gpu = crate::cuda::Gpu::emulated().unwrap();
-        let b = gpu.upload(&[1.0f32; 64]).unwrap();
-        let whole = DevSlice::of(&b);
+        let blk = gpu.upload(&[1.0f32; 64]).unwrap();
+        let whole = DevSlice::of(&blk);
         let e = gpu.kernels.unary::<f32>(&gpu.stream, Unary::Silu, whole, whole, 64).unwrap_err().to_string();
-        assert!(e.contains("silu_fwd_f32") && e.contains("does not run in place"), "{e}");
-        let shifted = DevSlice::range(&b, 16, 128).unwrap();
+        assert!(e.contains("unary: output y overlaps x") && e.contains("__restrict__"), "{e}");
+        let shifted = DevSlice::range(&blk, 16, 128).unwrap();
         let e = gpu.kernels.add::<f32>(&gpu.stream, shifted, whole, whole, 32).unwrap_err().to_string();
-        assert!(e.contains("add_f32: y and a overlap"), "{e}");
-        // axpy reads and writes y, but x must not overlap it.
+        assert!(e.contains("add: output y overlaps a"), "{e}");
         let e = gpu.kernels.scale::<f32>(&gpu.stream, shifted, whole, 2.0, 32, true).unwrap_err().to_string();
-        assert!(e.contains("axpy_f32"), "{e}");
+        assert!(e.contains("axpy: output y overlaps x"), "{e}");
         // Separate buffers run.
         let other = gpu.upload(&[0.0f32; 64]).unwrap();
         gpu.kernels.unary::<f32>(&gpu.stream, Unary::Relu, DevSlice::of(&other), whole, 64).unwrap();

@@ -8,12 +8,18 @@
 //! What it cannot see: data races inside one interleaving step (the GPU's memory model), real timing and
 //! occupancy, ptxas, PTX and driver issues, and the fast-math intrinsics' GPU error (they are exact here).
 //!
-//! ASan flavour: `cargo test --release --features emu-asan` builds the kernels with
-//! `-fsanitize=address,undefined`. The ASan runtime must be the first library loaded, so run the test binaries
-//! with it preloaded:
-//! `LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 cargo test --release --features
-//! emu-asan` (LD_PRELOAD then reaches cargo and rustc too, which is harmless with detect_leaks=0; building first
-//! with `--no-run` and preloading only for the run avoids it).
+//! ASan flavour: `--features emu-asan` builds the kernels with `-fsanitize=address,undefined` and recovery off, so
+//! the first out-of-bounds or misaligned access aborts the run with the sanitizer's report (kernel, source line)
+//! and a line naming the launch, block and thread. The ASan runtime must be the first library the process loads,
+//! so run the test binaries with it preloaded, through cargo's runner so that cargo and rustc are left alone:
+//!
+//! ```text
+//! CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="env LD_PRELOAD=$(g++ -print-file-name=libasan.so) \
+//!     ASAN_OPTIONS=detect_leaks=0" cargo test --release --features emu-asan
+//! ```
+//!
+//! (`detect_leaks=0`: this run is for bad accesses, not leaks.) A binary run directly needs the same `LD_PRELOAD`
+//! and `ASAN_OPTIONS` in its environment.
 //!
 //! `DERMA_EMU_LIB=path/to/libderma_emu.so` loads a separately built kernel library at run time instead of the one
 //! linked in (scripts/mutate-kernels.sh rebuilds only that library for each mutant).

@@ -52,6 +52,7 @@ type SetScheduleFn = unsafe extern "C" fn(c_int, c_int, u64);
 type HasKernelFn = unsafe extern "C" fn(*const c_char) -> c_int;
 type LaunchFn = unsafe extern "C" fn(*const c_char, Dim3, Dim3, u32, *mut *mut c_void, *mut c_char, usize) -> c_int;
 type FlavourFn = unsafe extern "C" fn() -> *const c_char;
+type MarkFn = unsafe extern "C" fn(*const c_void, usize);
 
 unsafe extern "C" {
     fn derma_emu_set_schedule(thread_order: c_int, block_order: c_int, seed: u64);
@@ -66,6 +67,8 @@ unsafe extern "C" {
         err_len: usize,
     ) -> c_int;
     fn derma_emu_flavour() -> *const c_char;
+    fn derma_emu_mark_inaccessible(addr: *const c_void, len: usize);
+    fn derma_emu_mark_accessible(addr: *const c_void, len: usize);
 }
 
 struct Api {
@@ -73,6 +76,8 @@ struct Api {
     has_kernel: HasKernelFn,
     launch: LaunchFn,
     flavour: FlavourFn,
+    mark_inaccessible: MarkFn,
+    mark_accessible: MarkFn,
     /// Keeps a `DERMA_EMU_LIB` library mapped for the life of the process.
     _lib: Option<libloading::Library>,
 }
@@ -93,7 +98,9 @@ fn load_override(path: &str) -> std::result::Result<Api, String> {
         let has_kernel = std::mem::transmute::<*const c_void, HasKernelFn>(sym(b"derma_emu_has_kernel")?);
         let launch = std::mem::transmute::<*const c_void, LaunchFn>(sym(b"derma_emu_launch")?);
         let flavour = std::mem::transmute::<*const c_void, FlavourFn>(sym(b"derma_emu_flavour")?);
-        Ok(Api { set_schedule, has_kernel, launch, flavour, _lib: Some(lib) })
+        let mark_inaccessible = std::mem::transmute::<*const c_void, MarkFn>(sym(b"derma_emu_mark_inaccessible")?);
+        let mark_accessible = std::mem::transmute::<*const c_void, MarkFn>(sym(b"derma_emu_mark_accessible")?);
+        Ok(Api { set_schedule, has_kernel, launch, flavour, mark_inaccessible, mark_accessible, _lib: Some(lib) })
     }
 }
 
@@ -106,6 +113,8 @@ fn api() -> std::result::Result<&'static Api, &'static str> {
             has_kernel: derma_emu_has_kernel,
             launch: derma_emu_launch,
             flavour: derma_emu_flavour,
+            mark_inaccessible: derma_emu_mark_inaccessible,
+            mark_accessible: derma_emu_mark_accessible,
             _lib: None,
         }),
     })
@@ -175,4 +184,30 @@ pub unsafe fn launch(
         bail!("emulated launch failed: {msg}");
     }
     Ok(())
+}
+
+/// ASan flavour: makes `[addr, addr + bytes)` off limits to kernels, so any access to it fails the run with the
+/// sanitizer's report (a no-op in the plain flavour). Meant for the emulated allocator: the slack between a
+/// tensor's bytes and the end of its cached block, which the host allocation (and so ASan) would otherwise allow.
+///
+/// # Safety
+/// The range lies inside one live host allocation, and nothing (kernel or Rust code) touches it until
+/// [`mark_accessible`] is called on it; in particular it must be made accessible again before it is freed or
+/// handed out for other data.
+pub unsafe fn mark_inaccessible(addr: u64, bytes: usize) {
+    if let Ok(api) = api() {
+        // SAFETY: the caller guarantees the range; the call only changes ASan's shadow memory.
+        unsafe { (api.mark_inaccessible)(addr as *const c_void, bytes) }
+    }
+}
+
+/// Undoes [`mark_inaccessible`] on `[addr, addr + bytes)`.
+///
+/// # Safety
+/// The range lies inside one live host allocation.
+pub unsafe fn mark_accessible(addr: u64, bytes: usize) {
+    if let Ok(api) = api() {
+        // SAFETY: the caller guarantees the range; the call only changes ASan's shadow memory.
+        unsafe { (api.mark_accessible)(addr as *const c_void, bytes) }
+    }
 }
