@@ -1,26 +1,36 @@
 #!/usr/bin/env bash
 # GPU check in two halves, because the machine that builds derma has no GPU and the GPU machine may have no Rust:
 #
-#   scripts/gpu-check.sh prepare [DIR]   (build machine) release build, strip, gather the derma binary, the CUDA
-#                                        test binaries, benches and scripts into DIR (default: carry/gpu, git-ignored)
-#   DIR/scripts/gpu-check.sh run OUTDIR  (GPU machine) find the CUDA libraries, print GPU and driver, run
-#                                        `derma check --device cuda --json`, `derma gpu-info`, the CUDA tests, the
-#                                        benches and the PyTorch comparison if present; write OUTDIR/report.md plus
-#                                        one raw log per step
+#   scripts/gpu-check.sh prepare DIR        (build machine) release build, strip, gather the derma binary, the
+#                                           CUDA test binaries, the CUDA bench and the scripts into DIR
+#   DIR/scripts/gpu-check.sh run OUTDIR     (GPU machine) find the CUDA libraries, print GPU and driver, run
+#                                           `derma check --device cuda --json`, `derma gpu-info`, copy bandwidth,
+#                                           the CUDA tests, the CUDA kernel bench (short criterion timing) and the
+#                                           PyTorch timing; write OUTDIR/report.md plus one raw log per step
+#   DIR/scripts/gpu-check.sh dry-run OUTDIR (any machine, CI) the same steps on the emulated device (--device emu):
+#                                           proves the script, the binaries and the check run before GPU time is
+#                                           spent on them
 #
-# `run` never stops at the first failure: every step is recorded with its exit status, and the script exits
-# non-zero when any step failed.
+# The whole run is budgeted to 8 minutes: each step has a time limit (timeout(1)) and a step that would start
+# past the budget is not started and counts as failed. A step never stops the others: every step is recorded with
+# its exit status, every skip is printed and written to the report with its reason, and the script exits
+# non-zero when any step failed (or, on a GPU run, skipped). check.json is always valid JSON: derma's stdout only
+# (its stderr goes to check.stderr.log), or an error object when derma printed none.
 set -uo pipefail
 
 usage() {
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 }
 
 MAX_BYTES=$((64 * 1024 * 1024))
+BUDGET_S=480
+# Short criterion timing: about 0.7 s per benchmark, ~40 benchmarks.
+BENCH_FLAGS=(--warm-up-time 0.2 --measurement-time 0.5)
+PYTORCH_SCRIPT=bench_torch_cpu.py
 
 prepare() {
-    local dir="${1:-carry/gpu}"
+    local dir="${1:?usage: gpu-check.sh prepare DIR}"
     local root
     root="$(cd "$(dirname "$0")/.." && pwd)"
     cd "$root" || exit 1
@@ -37,41 +47,16 @@ prepare() {
     for t in tests/cuda_*.rs; do
         [ -e "$t" ] && tests+=(--test "$(basename "$t" .rs)")
     done
-    if [ ${#tests[@]} -gt 0 ]; then
-        DERMA_REQUIRE_NVCC=1 cargo test --release --no-run --message-format=json "${tests[@]}" >"$dir/.cargo-tests.json" || exit 1
-        python3 - "$dir" <<'PY' || exit 1
-import json, shutil, sys, os
-out = sys.argv[1]
-for line in open(os.path.join(out, ".cargo-tests.json")):
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
-        shutil.copy(m["executable"], os.path.join(out, "tests", m["target"]["name"]))
-        print("  ", m["target"]["name"])
-PY
-        rm -f "$dir/.cargo-tests.json"
+    if [ ${#tests[@]} -eq 0 ]; then
+        echo "error: no tests/cuda_*.rs found" >&2
+        exit 1
     fi
+    DERMA_REQUIRE_NVCC=1 cargo test --release --no-run --message-format=json "${tests[@]}" >"$dir/.cargo-tests.json" || exit 1
+    copy_artifacts "$dir/.cargo-tests.json" test "$dir/tests" || exit 1
 
-    echo "== benches (if any)"
-    if ls benches/*.rs >/dev/null 2>&1; then
-        DERMA_REQUIRE_NVCC=1 cargo bench --no-run --message-format=json >"$dir/.cargo-benches.json" 2>/dev/null || echo "  (bench build failed; continuing without benches)"
-        python3 - "$dir" <<'PY'
-import json, shutil, sys, os
-out = sys.argv[1]
-path = os.path.join(out, ".cargo-benches.json")
-for line in open(path) if os.path.exists(path) else []:
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["bench"]:
-        shutil.copy(m["executable"], os.path.join(out, "benches", m["target"]["name"]))
-        print("  ", m["target"]["name"])
-PY
-        rm -f "$dir/.cargo-benches.json"
-    fi
+    echo "== CUDA bench binary (cuda_kernels)"
+    DERMA_REQUIRE_NVCC=1 cargo bench --no-run --bench cuda_kernels --message-format=json >"$dir/.cargo-benches.json" || exit 1
+    copy_artifacts "$dir/.cargo-benches.json" bench "$dir/benches" || exit 1
 
     cp scripts/gpu-check.sh "$dir/scripts/"
     for s in scripts/*.py; do [ -e "$s" ] && cp "$s" "$dir/scripts/"; done
@@ -90,7 +75,28 @@ PY
         echo "error: $dir is larger than 64 MiB; it cannot travel to the GPU machine" >&2
         exit 1
     fi
-    echo "on the GPU machine: $dir/scripts/gpu-check.sh run OUTDIR"
+    echo "on the GPU machine: $dir/scripts/gpu-check.sh run OUTDIR (or dry-run OUTDIR anywhere)"
+}
+
+# copy_artifacts JSON KIND DEST: copies the executables of cargo's JSON messages of target kind KIND into DEST.
+copy_artifacts() {
+    python3 - "$1" "$2" "$3" <<'PY'
+import json, os, shutil, sys
+path, kind, dest = sys.argv[1:4]
+copied = 0
+for line in open(path):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == [kind]:
+        shutil.copy(m["executable"], os.path.join(dest, m["target"]["name"]))
+        print("  ", m["target"]["name"])
+        copied += 1
+os.remove(path)
+if copied == 0:
+    sys.exit(f"error: cargo built no {kind} executables")
+PY
 }
 
 # Folders that hold CUDA libraries: CUDA installs, then the nvidia/*/lib folders of python3's site-packages (where
@@ -111,84 +117,143 @@ cuda_lib_path() {
     echo "${p#:}"
 }
 
-run() {
-    local out="${1:?usage: gpu-check.sh run OUTDIR}"
+# run_all MODE OUTDIR: MODE is "run" (a CUDA GPU) or "dry-run" (the emulated device).
+run_all() {
+    local mode="$1" out="${2:?usage: gpu-check.sh run|dry-run OUTDIR}"
     local here
     here="$(cd "$(dirname "$0")/.." && pwd)"
     mkdir -p "$out"
     out="$(cd "$out" && pwd)"
-    local libs
-    libs="$(cuda_lib_path)"
-    export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    local device=cuda
+    [ "$mode" = dry-run ] && device=emu
+    if [ "$mode" = run ]; then
+        local libs
+        libs="$(cuda_lib_path)"
+        export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    fi
     local report="$out/report.md"
     local failed=0
+    local t_start=$SECONDS
     local derma="$here/bin/derma"
     [ -x "$derma" ] || derma="$here/target/release/derma"
 
     {
-        echo "# derma GPU check"
+        echo "# derma GPU check ($mode, --device $device)"
         echo
         echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
         echo "- host: $(uname -srm), $(nproc) cores"
         [ -f "$here/MANIFEST" ] && sed 's/^/- /' "$here/MANIFEST"
-        echo "- LD_LIBRARY_PATH: \`$LD_LIBRARY_PATH\`"
+        echo "- LD_LIBRARY_PATH: \`${LD_LIBRARY_PATH:-}\`"
+        echo "- budget: ${BUDGET_S} s in all, a time limit per step"
         echo
-        echo "| step | exit | log |"
-        echo "|---|---|---|"
+        echo "| step | exit | time | log |"
+        echo "|---|---|---|---|"
     } >"$report"
 
-    # step NAME LOGFILE CMD...: runs CMD with output to LOGFILE, records the exit status in the report.
+    # skip NAME REASON [fatal]: a loud skip, in the report and on stdout; "fatal" also fails the run.
+    skip() {
+        echo "SKIPPED: $1: $2"
+        echo "| $1 | SKIPPED: $2 | | |" >>"$report"
+        [ "${3:-}" = fatal ] && failed=1
+        return 0
+    }
+
+    # step NAME LOG LIMIT_S CMD...: runs CMD under a time limit with stdout and stderr to LOG (stdout only, with
+    # stderr to LOG's .stderr.log, when LOG ends in .json), records exit status and time in the report.
     step() {
-        local name="$1" log="$2"
-        shift 2
-        echo "== $name"
-        local t0=$SECONDS
-        "$@" >"$out/$log" 2>&1
-        local rc=$?
-        local extra=""
-        if grep -q "SKIPPED" "$out/$log" 2>/dev/null; then
-            extra=" ($(grep -c SKIPPED "$out/$log") skipped)"
+        local name="$1" log="$2" limit="$3"
+        shift 3
+        local used=$((SECONDS - t_start))
+        if [ $((used + limit)) -gt "$BUDGET_S" ]; then
+            skip "$name" "not started: ${used} s used, its ${limit} s limit would pass the ${BUDGET_S} s budget" fatal
+            return 0
         fi
-        echo "| $name | $rc$extra | [$log]($log) ($((SECONDS - t0)) s) |" >>"$report"
+        echo "== $name (limit ${limit} s)"
+        local t0=$SECONDS rc
+        if [[ "$log" == *.json ]]; then
+            timeout --kill-after=5 "$limit" "$@" >"$out/$log" 2>"$out/${log%.json}.stderr.log"
+            rc=$?
+        else
+            timeout --kill-after=5 "$limit" "$@" >"$out/$log" 2>&1
+            rc=$?
+        fi
+        local note=""
+        [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && note=" (time limit)"
+        local skipped
+        skipped=$(grep -c "SKIPPED" "$out/$log" 2>/dev/null)
+        if [ "${skipped:-0}" -gt 0 ]; then
+            note="$note ($skipped SKIPPED lines)"
+            grep "SKIPPED" "$out/$log" | head -n 5 | sed 's/^/  /'
+            # On a GPU nothing may skip; on the emulated device the GPU-only bench does, loudly.
+            [ "$mode" = run ] && failed=1
+        fi
+        echo "| $name | $rc$note | $((SECONDS - t0)) s | [$log]($log) |" >>"$report"
         [ "$rc" -ne 0 ] && failed=1
         tail -n 5 "$out/$log"
         return 0
     }
 
-    if command -v nvidia-smi >/dev/null; then
-        step "nvidia-smi" nvidia-smi.txt nvidia-smi
+    # valid_json FILE: rewrites FILE as an error object when it does not hold one JSON document.
+    valid_json() {
+        local f="$1" stem="${1%.json}"
+        if command -v python3 >/dev/null; then
+            python3 -c 'import json,sys; json.load(open(sys.argv[1]))' "$f" 2>/dev/null && return 0
+        elif [ "$(head -c 1 "$f" 2>/dev/null)" = "{" ] && [ "$(tail -c 2 "$f" | head -c 1)" = "}" ]; then
+            return 0
+        fi
+        mv "$f" "$stem.stdout.txt"
+        printf '{"error": "derma check printed no valid JSON", "stdout_log": "%s", "stderr_log": "%s"}\n' \
+            "$(basename "$stem").stdout.txt" "$(basename "$stem").stderr.log" >"$f"
+        echo "| (check.json) | invalid JSON replaced by an error object | | [stdout]($(basename "$stem").stdout.txt) |" >>"$report"
+        failed=1
+    }
+
+    if [ "$mode" = dry-run ]; then
+        skip "nvidia-smi" "dry run on the emulated device"
+    elif command -v nvidia-smi >/dev/null; then
+        step "nvidia-smi" nvidia-smi.txt 15 nvidia-smi
     else
-        echo "| nvidia-smi | not found | |" >>"$report"
+        skip "nvidia-smi" "not found" fatal
     fi
-    step "derma gpu-info --json --resources" gpu-info.txt "$derma" gpu-info --json --resources
-    step "derma check --device cuda --json" check.json "$derma" check --device cuda --json
-    step "copy bandwidth (derma gpu-info --bandwidth)" bandwidth.txt "$derma" gpu-info --bandwidth
+    step "derma gpu-info --json --resources" gpu-info.txt 30 "$derma" gpu-info --json --resources
+    step "derma check --device $device --json" check.json 150 "$derma" check --device "$device" --json
+    valid_json "$out/check.json"
+    step "copy bandwidth (derma gpu-info --bandwidth --device $device)" bandwidth.txt 30 \
+        "$derma" gpu-info --bandwidth --device "$device" --mib 64
+    local n_tests=0
     for t in "$here"/tests/*; do
         [ -x "$t" ] || continue
-        step "test $(basename "$t")" "test-$(basename "$t").log" "$t" --nocapture --test-threads=1
+        n_tests=$((n_tests + 1))
+        step "test $(basename "$t")" "test-$(basename "$t").log" 60 "$t" --nocapture --test-threads=1
     done
-    for b in "$here"/benches/*; do
-        [ -x "$b" ] || continue
-        step "bench $(basename "$b")" "bench-$(basename "$b").log" "$b" --bench
-    done
-    if command -v python3 >/dev/null && python3 -c "import torch" 2>/dev/null; then
-        for s in "$here"/scripts/bench_pytorch.py; do
-            [ -f "$s" ] && step "PyTorch $(basename "$s")" "pytorch-$(basename "$s" .py).log" python3 "$s"
-        done
+    [ "$n_tests" -eq 0 ] && skip "CUDA tests" "no test binaries in $here/tests (run prepare first)" fatal
+    if [ -x "$here/benches/cuda_kernels" ]; then
+        step "bench cuda_kernels (criterion ${BENCH_FLAGS[*]})" bench-cuda_kernels.log 90 \
+            "$here/benches/cuda_kernels" --bench "${BENCH_FLAGS[@]}"
     else
-        echo "| PyTorch comparison | skipped: no torch in python3 | |" >>"$report"
+        skip "bench cuda_kernels" "no bench binary at $here/benches/cuda_kernels (run prepare first)" fatal
+    fi
+    if [ ! -f "$here/scripts/$PYTORCH_SCRIPT" ]; then
+        skip "PyTorch $PYTORCH_SCRIPT" "the script is missing from $here/scripts" fatal
+    elif ! command -v python3 >/dev/null || ! python3 -c "import torch, torchvision" 2>/dev/null; then
+        skip "PyTorch $PYTORCH_SCRIPT" "python3 with torch and torchvision not found"
+    else
+        step "PyTorch $PYTORCH_SCRIPT --steps 2 --json" "pytorch-${PYTORCH_SCRIPT%.py}.log" 45 \
+            python3 "$here/scripts/$PYTORCH_SCRIPT" --steps 2 --json
     fi
 
     {
         echo
+        echo "total: $((SECONDS - t_start)) s of the ${BUDGET_S} s budget; result: $([ $failed -eq 0 ] && echo ok || echo FAILED)"
+        echo
         echo "## GPU"
         echo '```'
-        if [ -f "$out/nvidia-smi.txt" ]; then head -n 20 "$out/nvidia-smi.txt"; else echo "(nvidia-smi not found)"; fi
+        if [ -f "$out/nvidia-smi.txt" ]; then head -n 20 "$out/nvidia-smi.txt"; else echo "(no nvidia-smi output)"; fi
         echo '```'
         echo
         echo "## Copy bandwidth"
         echo '```'
-        cat "$out/bandwidth.txt"
+        cat "$out/bandwidth.txt" 2>/dev/null || echo "(not run)"
         echo '```'
         for l in "$out"/test-*.log; do
             [ -f "$l" ] || continue
@@ -199,12 +264,13 @@ run() {
             echo '```'
         done
     } >>"$report"
-    echo "report: $report"
+    echo "report: $report ($((SECONDS - t_start)) s)"
     return $failed
 }
 
 case "${1:-}" in
 prepare) shift; prepare "$@" ;;
-run) shift; run "$@" ;;
+run) shift; run_all run "$@" ;;
+dry-run) shift; run_all dry-run "$@" ;;
 *) usage ;;
 esac

@@ -533,13 +533,18 @@ fn error_row(family: Family, part: &str, dtype: Dtype, e: &anyhow::Error) -> Che
 pub fn check_family(gpu: &Gpu, family: Family, seed: u64) -> Result<Vec<CheckResult>> {
     let mut c =
         Ctx { g: gpu, rng: SplitMix(seed ^ (family as u64).wrapping_mul(0x2545f4914f6cdd1d)), family, out: vec![] };
-    for (name, dtype, part) in parts(family) {
-        if let Err(e) = part(&mut c) {
-            let row = error_row(family, name, dtype, &e.context(format!("checking the {} kernels", family.name())));
+    run_parts(&mut c, &parts(family));
+    Ok(c.out)
+}
+
+/// Runs each part; one that errors leaves its rows, adds an error row, and the next part runs.
+fn run_parts(c: &mut Ctx, parts: &[(&'static str, Dtype, Part)]) {
+    for &(name, dtype, part) in parts {
+        if let Err(e) = part(c) {
+            let row = error_row(c.family, name, dtype, &e.context(format!("checking the {} kernels", c.family.name())));
             c.out.push(row);
         }
     }
-    Ok(c.out)
 }
 
 fn act_of(op: Unary) -> Act {
@@ -1483,6 +1488,70 @@ mod tests {
         assert!(t.lines().nth(2).is_some_and(|l| l.ends_with("FAIL") && l.contains("NaN/inf")), "{t}");
         let n = build_info::RESOURCES.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).count();
         assert_eq!(resources_json().len(), n);
+    }
+
+    #[test]
+    fn an_erroring_part_becomes_a_failed_row_and_the_family_goes_on() {
+        let gpu = Gpu::emulated().unwrap();
+        let mut c = Ctx { g: &gpu, rng: SplitMix(1), family: Family::Elementwise, out: vec![] };
+        fn ok_part(c: &mut Ctx) -> Result<()> {
+            c.record(
+                "first",
+                Dtype::F32,
+                "1",
+                &Fetched { values: vec![1.0], outside: 0 },
+                &[1.0],
+                Accuracy::Elementwise,
+            );
+            Ok(())
+        }
+        fn failing_part(c: &mut Ctx) -> Result<()> {
+            c.record(
+                "before the error",
+                Dtype::F16,
+                "1",
+                &Fetched { values: vec![2.0], outside: 0 },
+                &[2.0],
+                Accuracy::Elementwise,
+            );
+            // A wrapper's error: an in-place call of a restrict kernel.
+            let b = c.g.upload(&[0.5f32; 8])?;
+            c.g.kernels.unary::<f32>(&c.g.stream, Unary::Silu, s(&b), s(&b), 8)?;
+            c.record(
+                "never reached",
+                Dtype::F16,
+                "1",
+                &Fetched { values: vec![0.0], outside: 0 },
+                &[0.0],
+                Accuracy::Elementwise,
+            );
+            Ok(())
+        }
+        fn last_part(c: &mut Ctx) -> Result<()> {
+            c.record(
+                "after",
+                Dtype::F32,
+                "1",
+                &Fetched { values: vec![3.0], outside: 0 },
+                &[3.0],
+                Accuracy::Elementwise,
+            );
+            Ok(())
+        }
+        let parts: [(&'static str, Dtype, Part); 3] =
+            [("a", Dtype::F32, ok_part), ("b", Dtype::F16, failing_part), ("c", Dtype::F32, last_part)];
+        run_parts(&mut c, &parts);
+        let ops: Vec<&str> = c.out.iter().map(|r| r.op.as_str()).collect();
+        assert_eq!(ops.len(), 4, "{ops:?}");
+        assert_eq!((ops[0], ops[1], ops[3]), ("first", "before the error", "after"));
+        let err = &c.out[2];
+        assert!(!err.pass && err.rel_err.is_infinite() && err.dtype == Dtype::F16);
+        assert!(
+            err.op.starts_with("ERROR in b: checking the elementwise kernels")
+                && err.op.contains("unary: output y overlaps x"),
+            "{}",
+            err.op
+        );
     }
 
     #[test]

@@ -1186,6 +1186,30 @@ mod tests {
     }
 
     #[test]
+    fn restrict_kernels_refuse_in_place_calls() {
+        let (a, b) = (span::<f32>("y", 0x1000, 4), span::<f32>("x", 0x100c, 4));
+        let e = no_alias("k", &[a], &[b]).unwrap_err().to_string();
+        assert!(e.contains("k: output y overlaps x"), "{e}");
+        // Disjoint buffers, and absent (null) optional ones, pass.
+        no_alias("k", &[span::<f32>("y", 0x1000, 4), span::<f32>("p", 0, 4)], &[span::<f32>("x", 0x1010, 4)]).unwrap();
+        // On the emulated device the wrappers refuse before launching.
+        let gpu = crate::cuda::Gpu::emulated().unwrap();
+        let blk = gpu.upload(&[1.0f32; 64]).unwrap();
+        let whole = DevSlice::of(&blk);
+        let e = gpu.kernels.unary::<f32>(&gpu.stream, Unary::Silu, whole, whole, 64).unwrap_err().to_string();
+        assert!(e.contains("unary: output y overlaps x") && e.contains("__restrict__"), "{e}");
+        let shifted = DevSlice::range(&blk, 16, 128).unwrap();
+        let e = gpu.kernels.add::<f32>(&gpu.stream, shifted, whole, whole, 32).unwrap_err().to_string();
+        assert!(e.contains("add: output y overlaps a"), "{e}");
+        let e = gpu.kernels.scale::<f32>(&gpu.stream, shifted, whole, 2.0, 32, true).unwrap_err().to_string();
+        assert!(e.contains("axpy: output y overlaps x"), "{e}");
+        // Separate buffers run.
+        let other = gpu.upload(&[0.0f32; 64]).unwrap();
+        gpu.kernels.unary::<f32>(&gpu.stream, Unary::Relu, DevSlice::of(&other), whole, 64).unwrap();
+        assert_eq!(gpu.download::<f32>(&other, 64).unwrap(), vec![1.0f32; 64]);
+    }
+
+    #[test]
     fn rows_split_bounds() {
         assert_eq!(rows_split(1), 1);
         assert_eq!(rows_split(512 * 10), 10);
