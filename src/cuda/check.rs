@@ -74,11 +74,13 @@ pub enum Family {
     Gemm,
     /// cuDNN convolution forward, backward data and backward filter.
     Conv,
+    /// The fused training augmentation against the CPU applier, per element (see [`super::augment`]).
+    Augment,
 }
 
 impl Family {
     /// Every family, in the order `derma check` runs them.
-    pub const ALL: [Family; 9] = [
+    pub const ALL: [Family; 10] = [
         Family::Elementwise,
         Family::Batchnorm,
         Family::Depthwise,
@@ -88,6 +90,7 @@ impl Family {
         Family::Optim,
         Family::Gemm,
         Family::Conv,
+        Family::Augment,
     ];
 
     /// Lower-case name.
@@ -102,6 +105,7 @@ impl Family {
             Self::Optim => "optim",
             Self::Gemm => "gemm",
             Self::Conv => "conv",
+            Self::Augment => "augment",
         }
     }
 }
@@ -326,6 +330,9 @@ impl<'g> Ctx<'g> {
 /// Runs one family's checks on `gpu` with inputs from `seed`. An `Err` means a launch or copy failed (itself a
 /// finding); numerical mismatches are rows with `pass: false`.
 pub fn check_family(gpu: &Gpu, family: Family, seed: u64) -> Result<Vec<CheckResult>> {
+    if family == Family::Augment {
+        return super::augment::check(gpu, seed).context("checking the augment kernels");
+    }
     let mut c =
         Ctx { g: gpu, rng: SplitMix(seed ^ (family as u64).wrapping_mul(0x2545f4914f6cdd1d)), family, out: vec![] };
     let r = match family {
@@ -340,6 +347,7 @@ pub fn check_family(gpu: &Gpu, family: Family, seed: u64) -> Result<Vec<CheckRes
         Family::Optim => optim(&mut c),
         Family::Gemm => gemm(&mut c),
         Family::Conv => conv::<f32>(&mut c).and_then(|_| conv::<f16>(&mut c)),
+        Family::Augment => Ok(()),
     };
     r.with_context(|| format!("checking the {} kernels", family.name()))?;
     Ok(c.out)

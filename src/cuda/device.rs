@@ -110,7 +110,19 @@ impl Gpu {
     }
 
     /// The emulated device (`--device emu`): the kernels linked into this binary, run on the CPU.
+    ///
+    /// `DERMA_EMU_MEMORY` (bytes, or with a K/M/G suffix: `512M`) caps its memory, as on a smaller GPU.
     pub fn emulated() -> Result<Self> {
+        match std::env::var("DERMA_EMU_MEMORY") {
+            Ok(v) => Self::emulated_with_memory(Some(parse_bytes(&v).with_context(|| {
+                format!("DERMA_EMU_MEMORY={v:?}: expected a byte count such as 1073741824, 512M or 2G")
+            })?)),
+            Err(_) => Self::emulated_with_memory(None),
+        }
+    }
+
+    /// The emulated device with at most `capacity` bytes of memory (`None`: as much as the host gives).
+    pub fn emulated_with_memory(capacity: Option<usize>) -> Result<Self> {
         let kernels = Kernels::emulated()?;
         let info = GpuInfo {
             ordinal: 0,
@@ -119,7 +131,8 @@ impl Gpu {
             total_mem: 0,
             kernels_run: true,
         };
-        Ok(Self { info, stream: Stream::Emulated, kernels, alloc: CachingAllocator::new(Box::new(HostAlloc::new())) })
+        let raw = capacity.map_or_else(HostAlloc::new, HostAlloc::with_capacity);
+        Ok(Self { info, stream: Stream::Emulated, kernels, alloc: CachingAllocator::new(Box::new(raw)) })
     }
 
     /// Whether this is the emulated device.
@@ -250,4 +263,16 @@ impl Gpu {
             Stream::Emulated => Ok(()),
         }
     }
+}
+
+/// `123`, `64K`, `512M`, `2G` (binary multiples) as bytes.
+fn parse_bytes(s: &str) -> Option<usize> {
+    let t = s.trim();
+    let (digits, mult) = match t.char_indices().last()? {
+        (i, 'k' | 'K') => (&t[..i], 1usize << 10),
+        (i, 'm' | 'M') => (&t[..i], 1 << 20),
+        (i, 'g' | 'G') => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    digits.trim().parse::<usize>().ok()?.checked_mul(mult)
 }

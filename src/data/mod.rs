@@ -31,6 +31,7 @@
 pub mod augment;
 pub mod cache;
 pub mod decode;
+pub mod device;
 pub mod loader;
 pub mod source;
 pub mod split;
