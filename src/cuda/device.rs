@@ -276,3 +276,20 @@ fn parse_bytes(s: &str) -> Option<usize> {
     };
     digits.trim().parse::<usize>().ok()?.checked_mul(mult)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn emulated_memory_sizes_parse() {
+        assert_eq!(parse_bytes("4096"), Some(4096));
+        assert_eq!(parse_bytes(" 64K"), Some(64 << 10));
+        assert_eq!(parse_bytes("512m"), Some(512 << 20));
+        assert_eq!(parse_bytes("2G"), Some(2 << 30));
+        assert_eq!(parse_bytes("2 G"), Some(2 << 30));
+        for bad in ["", "G", "1.5G", "-3", "12T"] {
+            assert_eq!(parse_bytes(bad), None, "{bad:?}");
+        }
+    }
+}
