@@ -17,6 +17,9 @@ use std::time::Instant;
 pub enum BenchCmd {
     /// EfficientNet-B0 on the CPU reference backend: forward (eval) and a full training step.
     Cpu(CpuArgs),
+    /// The fused augmentation kernel on a device (cuda or emu): images/s and bytes per image against the copy
+    /// bandwidth.
+    Data(super::bench_data::DataArgs),
 }
 
 /// Options of `derma bench cpu`.
@@ -67,6 +70,7 @@ struct CpuReport {
 pub fn run_bench(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Cpu(a) => run_cpu(a),
+        BenchCmd::Data(a) => super::bench_data::run(a),
     }
 }
 

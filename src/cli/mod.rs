@@ -1,6 +1,7 @@
 //! Subcommands, one module per area.
 
 pub mod bench;
+pub mod bench_data;
 pub mod data;
 pub mod eval;
 pub mod predict;

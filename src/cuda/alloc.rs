@@ -19,6 +19,10 @@ pub trait RawAlloc: Send + Sync {
     fn alloc(&self, bytes: usize) -> std::result::Result<u64, String>;
     /// Frees a pointer returned by `alloc`.
     fn free(&self, ptr: u64);
+    /// Bytes the device could still hand out, when it can tell.
+    fn free_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// cuMemAlloc / cuMemFree on one CUDA context.
@@ -40,6 +44,11 @@ impl RawAlloc for DriverAlloc {
         unsafe { cudarc::driver::result::malloc_sync(bytes) }.map_err(|e| format!("{e:?}"))
     }
 
+    fn free_bytes(&self) -> Option<usize> {
+        self.ctx.bind_to_thread().ok()?;
+        cudarc::driver::result::mem_get_info().ok().map(|(free, _total)| free)
+    }
+
     fn free(&self, ptr: u64) {
         if self.ctx.bind_to_thread().is_ok() {
             // SAFETY: ptr came from malloc_sync on this context and is freed once (the pool forgets it here).
@@ -51,9 +60,13 @@ impl RawAlloc for DriverAlloc {
 /// Memory of the emulated device: host allocations aligned to 256 bytes, as cudaMalloc aligns device memory, so
 /// the vector paths and cuBLASLt's alignment rules see the same addresses modulo 256 as on a GPU. Fresh memory is
 /// filled with 0xFF bytes (NaN in f32 and f16), so a kernel that reads memory nobody wrote computes NaNs.
+///
+/// An optional capacity makes the emulated device run out of memory like a small GPU (to exercise the paths that
+/// depend on free memory, e.g. the resident dataset's fallback to streaming).
 #[derive(Default)]
 pub struct HostAlloc {
     live: Mutex<std::collections::HashMap<u64, std::alloc::Layout>>,
+    capacity: Option<usize>,
 }
 
 /// Alignment of emulated device allocations (cudaMalloc's).
@@ -64,12 +77,27 @@ impl HostAlloc {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// An emulated device memory of at most `capacity` bytes.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self { live: Mutex::default(), capacity: Some(capacity) }
+    }
+
+    fn used(live: &std::collections::HashMap<u64, std::alloc::Layout>) -> usize {
+        live.values().map(|l| l.size()).sum()
+    }
 }
 
 impl RawAlloc for HostAlloc {
     fn alloc(&self, bytes: usize) -> std::result::Result<u64, String> {
         let layout = std::alloc::Layout::from_size_align(bytes.max(1), EMULATED_ALIGN)
             .map_err(|_| format!("{bytes} bytes cannot be allocated on the host"))?;
+        if let Some(cap) = self.capacity {
+            let live = self.live.lock().map_err(|_| "the emulated device memory lock is poisoned".to_string())?;
+            if Self::used(&live) + layout.size() > cap {
+                return Err(format!("the emulated device's {cap}-byte memory is full"));
+            }
+        }
         // SAFETY: the layout has a nonzero size.
         let p = unsafe { std::alloc::alloc(layout) };
         if p.is_null() {
@@ -82,12 +110,24 @@ impl RawAlloc for HostAlloc {
         Ok(p as u64)
     }
 
+    fn free_bytes(&self) -> Option<usize> {
+        self.free_bytes_now()
+    }
+
     fn free(&self, ptr: u64) {
         let Ok(mut live) = self.live.lock() else { return };
         if let Some(layout) = live.remove(&ptr) {
             // SAFETY: ptr came from std::alloc::alloc with this layout and is freed once (removed from `live`).
             unsafe { std::alloc::dealloc(ptr as *mut u8, layout) };
         }
+    }
+}
+
+impl HostAlloc {
+    fn free_bytes_now(&self) -> Option<usize> {
+        let cap = self.capacity?;
+        let live = self.live.lock().ok()?;
+        Some(cap.saturating_sub(Self::used(&live)))
     }
 }
 
@@ -280,6 +320,13 @@ impl CachingAllocator {
         if let Ok(mut g) = self.inner.lock() {
             Self::release_locked(&mut g);
         }
+    }
+
+    /// Bytes that allocations could still get: what the device reports free plus this cache's free lists;
+    /// `None` when the device cannot tell (an emulated device without a capacity).
+    pub fn free_bytes(&self) -> Option<usize> {
+        let g = self.inner.lock().ok()?;
+        g.raw.free_bytes().map(|f| f + g.stats.cached)
     }
 
     /// Current statistics.

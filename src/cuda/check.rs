@@ -81,11 +81,13 @@ pub enum Family {
     Gemm,
     /// cuDNN convolution forward, backward data and backward filter.
     Conv,
+    /// The fused training augmentation against the CPU applier, per element (see [`super::augment`]).
+    Augment,
 }
 
 impl Family {
     /// Every family, in the order `derma check` runs them.
-    pub const ALL: [Family; 9] = [
+    pub const ALL: [Family; 10] = [
         Family::Elementwise,
         Family::Batchnorm,
         Family::Depthwise,
@@ -95,6 +97,7 @@ impl Family {
         Family::Optim,
         Family::Gemm,
         Family::Conv,
+        Family::Augment,
     ];
 
     /// Lower-case name.
@@ -109,6 +112,7 @@ impl Family {
             Self::Optim => "optim",
             Self::Gemm => "gemm",
             Self::Conv => "conv",
+            Self::Augment => "augment",
         }
     }
 }
@@ -508,6 +512,8 @@ fn parts(family: Family) -> Vec<(&'static str, Dtype, Part)> {
         Family::Optim => vec![("optim", Dtype::F32, optim)],
         Family::Gemm => vec![("gemm", Dtype::F32, gemm)],
         Family::Conv => vec![("conv f32", Dtype::F32, conv::<f32>), ("conv f16", Dtype::F16, conv::<f16>)],
+        // Checked by `super::augment::check` (see check_family).
+        Family::Augment => vec![],
     }
 }
 
@@ -531,6 +537,12 @@ fn error_row(family: Family, part: &str, dtype: Dtype, e: &anyhow::Error) -> Che
 /// a part that errors (a launch, copy or library call failed) keeps the rows it produced, adds one failed row
 /// naming the error, and the family goes on with its next part. The `Result` is kept for callers; it is `Ok`.
 pub fn check_family(gpu: &Gpu, family: Family, seed: u64) -> Result<Vec<CheckResult>> {
+    if family == Family::Augment {
+        // One part: an error becomes a failed row, as for the other families.
+        return Ok(super::augment::check(gpu, seed).unwrap_or_else(|e| {
+            vec![error_row(family, "augment", Dtype::F32, &e.context("checking the augment kernels"))]
+        }));
+    }
     let mut c =
         Ctx { g: gpu, rng: SplitMix(seed ^ (family as u64).wrapping_mul(0x2545f4914f6cdd1d)), family, out: vec![] };
     run_parts(&mut c, &parts(family));

@@ -110,7 +110,19 @@ impl Gpu {
     }
 
     /// The emulated device (`--device emu`): the kernels linked into this binary, run on the CPU.
+    ///
+    /// `DERMA_EMU_MEMORY` (bytes, or with a K/M/G suffix: `512M`) caps its memory, as on a smaller GPU.
     pub fn emulated() -> Result<Self> {
+        match std::env::var("DERMA_EMU_MEMORY") {
+            Ok(v) => Self::emulated_with_memory(Some(parse_bytes(&v).with_context(|| {
+                format!("DERMA_EMU_MEMORY={v:?}: expected a byte count such as 1073741824, 512M or 2G")
+            })?)),
+            Err(_) => Self::emulated_with_memory(None),
+        }
+    }
+
+    /// The emulated device with at most `capacity` bytes of memory (`None`: as much as the host gives).
+    pub fn emulated_with_memory(capacity: Option<usize>) -> Result<Self> {
         let kernels = Kernels::emulated()?;
         let info = GpuInfo {
             ordinal: 0,
@@ -119,7 +131,8 @@ impl Gpu {
             total_mem: 0,
             kernels_run: true,
         };
-        Ok(Self { info, stream: Stream::Emulated, kernels, alloc: CachingAllocator::new(Box::new(HostAlloc::new())) })
+        let raw = capacity.map_or_else(HostAlloc::new, HostAlloc::with_capacity);
+        Ok(Self { info, stream: Stream::Emulated, kernels, alloc: CachingAllocator::new(Box::new(raw)) })
     }
 
     /// Whether this is the emulated device.
@@ -248,6 +261,35 @@ impl Gpu {
         match &self.stream {
             Stream::Cuda(s) => s.synchronize().map_err(|e| anyhow!("CUDA error while running kernels: {e:?}")),
             Stream::Emulated => Ok(()),
+        }
+    }
+}
+
+/// `123`, `64K`, `512M`, `2G` (binary multiples) as bytes.
+fn parse_bytes(s: &str) -> Option<usize> {
+    let t = s.trim();
+    let (digits, mult) = match t.char_indices().last()? {
+        (i, 'k' | 'K') => (&t[..i], 1usize << 10),
+        (i, 'm' | 'M') => (&t[..i], 1 << 20),
+        (i, 'g' | 'G') => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    digits.trim().parse::<usize>().ok()?.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn emulated_memory_sizes_parse() {
+        assert_eq!(parse_bytes("4096"), Some(4096));
+        assert_eq!(parse_bytes(" 64K"), Some(64 << 10));
+        assert_eq!(parse_bytes("512m"), Some(512 << 20));
+        assert_eq!(parse_bytes("2G"), Some(2 << 30));
+        assert_eq!(parse_bytes("2 G"), Some(2 << 30));
+        for bad in ["", "G", "1.5G", "-3", "12T"] {
+            assert_eq!(parse_bytes(bad), None, "{bad:?}");
         }
     }
 }

@@ -71,7 +71,7 @@ impl<'a> DevSlice<'a> {
     }
 
     /// The address after checking that the slice holds at least `elems` values of `T`.
-    fn checked<T>(&self, elems: usize, what: &str) -> Result<u64> {
+    pub(crate) fn checked<T>(&self, elems: usize, what: &str) -> Result<u64> {
         let need = elems.checked_mul(size_of::<T>()).context("size overflow")?;
         ensure!(
             self.bytes >= need,

@@ -18,6 +18,10 @@
 //!   4. Gaussian noise `noise_std · noise_at(noise_seed, i)` for element `i` of the output, from a
 //!      counter-based generator ([`noise_at`]) so any element's noise can be recomputed independently.
 //!
+//! The fused GPU kernel (kernels/augment.cu) repeats this arithmetic operation for operation (same order, no
+//! fused multiply-adds), which is why the mean grey level is summed in fixed point and the noise uses portable
+//! `ln`/`sin`/`cos`: with those, the kernel's f32 output equals this function's bit for bit.
+//!
 //! Deliberate differences from PIL, none of which changes what an operation means: values stay in f32 between
 //! operations (PIL rounds to u8 after the resize and after every colour operation), and the colour operations
 //! follow torchvision's tensor formulas (clamp to [0, 1] after each blend). Grey is `0.299 R + 0.587 G + 0.114 B`.
@@ -358,7 +362,9 @@ pub fn adjust_hue(p: [f32; 3], shift: f32) -> [f32; 3] {
 
 /// Gaussian noise N(0, 1) for element `i` under `seed`: element pair `i/2` hashes (SplitMix64) to two 24-bit
 /// uniforms, Box–Muller turns them into two normals, the even element takes the cosine one, the odd the sine
-/// one. Integer hashing plus `ln`/`sqrt`/`cos`/`sin` ports to a GPU kernel directly.
+/// one. The logarithm, sine and cosine are [`portable_ln`] and [`portable_sin_cos`]: only correctly rounded
+/// `+ − × ÷ √` in a fixed order, so the fused GPU kernel (kernels/augment.cu) reproduces every value bit for bit,
+/// which libm's and CUDA's `logf`/`sinf` (different, not correctly rounded implementations) would not.
 #[inline]
 pub fn noise_at(seed: u64, i: u64) -> f32 {
     let (a, b) = noise_pair(seed, i >> 1);
@@ -371,10 +377,64 @@ pub fn noise_pair(seed: u64, pair: u64) -> (f32, f32) {
     let h1 = split_mix(seed ^ split_mix(pair));
     let h2 = split_mix(h1 ^ 0xA076_1D64_78BD_642F);
     let u1 = ((h1 >> 40) as f32 + 1.0) * (1.0 / 16_777_216.0); // (0, 1]
-    let u2 = (h2 >> 40) as f32 * (1.0 / 16_777_216.0); // [0, 1)
-    let r = (-2.0 * u1.ln()).sqrt();
-    let (sin, cos) = (std::f32::consts::TAU * u2).sin_cos();
+    let r = (-2.0 * portable_ln(u1)).sqrt();
+    // The angle is 2π·k/2²⁴ with k the top 24 bits of h2.
+    let (sin, cos) = portable_sin_cos((h2 >> 40) as u32);
     (r * cos, r * sin)
+}
+
+/// Natural logarithm of a positive normal f32 from IEEE operations only (error a few ulp): `x = m·2^e` with
+/// `m ∈ [√½, √2)`, then `ln m = 2·atanh(s)`, `s = (m − 1)/(m + 1)`, as an odd series in `s` to `s¹¹`.
+#[inline]
+pub fn portable_ln(x: f32) -> f32 {
+    let bits = x.to_bits();
+    let mut e = ((bits >> 23) & 0xff) as i32 - 127;
+    let mut m = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000); // [1, 2)
+    if m > std::f32::consts::SQRT_2 {
+        m *= 0.5; // exact
+        e += 1;
+    }
+    let f = m - 1.0; // exact (Sterbenz)
+    let s = f / (2.0 + f);
+    let z = s * s;
+    let series = z * (0.333_333_34 + z * (0.2 + z * (0.142_857_15 + z * (0.111_111_11 + z * 0.090_909_09))));
+    let ln_m = (s + s * series) * 2.0;
+    e as f32 * std::f32::consts::LN_2 + ln_m
+}
+
+/// `(sin θ, cos θ)` for `θ = 2π·k/2²⁴` (`k < 2²⁴`) from IEEE operations only: the quadrant comes from `k`'s bits
+/// (exact reduction), the rest `|x| ≤ π/4` goes through Taylor polynomials to `x⁹` and `x⁸`.
+#[inline]
+pub fn portable_sin_cos(k: u32) -> (f32, f32) {
+    let shifted = (k & 0x00ff_ffff) + (1 << 21); // nearest quadrant
+    let quadrant = (shifted >> 22) & 3;
+    let r = (shifted & ((1 << 22) - 1)) as i32 - (1 << 21); // [−2²¹, 2²¹)
+    let x = r as f32 * (std::f32::consts::TAU / 16_777_216.0);
+    let z = x * x;
+    let s = x + x * (z * (-0.166_666_67 + z * (0.008_333_334 + z * (-0.000_198_412_7 + z * 2.755_731_9e-6))));
+    let c = 1.0 + z * (-0.5 + z * (0.041_666_668 + z * (-0.001_388_888_9 + z * 2.480_158_7e-5)));
+    match quadrant {
+        0 => (s, c),
+        1 => (c, -s),
+        2 => (-s, -c),
+        _ => (-c, s),
+    }
+}
+
+/// Fixed-point scale of the contrast mean's per-pixel grey levels: 2⁴⁰, so a sum over up to 2²³ pixels in
+/// [0, 1] fits a u64 and integer addition makes the sum independent of the order (and grouping) of the pixels.
+pub const GREY_FIXED_SCALE: f64 = 1_099_511_627_776.0;
+
+/// A grey level in [0, 1] as the fixed-point integer the contrast mean sums (truncated).
+#[inline]
+pub fn grey_fixed(g: f32) -> u64 {
+    (f64::from(g) * GREY_FIXED_SCALE) as u64
+}
+
+/// The contrast mean from the fixed-point sum of `pixels` grey levels.
+#[inline]
+pub fn grey_mean(sum: u64, pixels: u64) -> f32 {
+    (sum as f64 / GREY_FIXED_SCALE / pixels as f64) as f32
 }
 
 /// Source pixel (row, column) read for rotated-image pixel `(ry, rx)`, or `None` where the rotation uncovers
@@ -479,13 +539,15 @@ pub fn apply(src: &[u8], size: u32, out_size: u32, p: &AugParams, out: &mut [f32
     // 2. The colour operations before contrast, in place, and the contrast mean: the grey level of the image
     //    after them.
     let k = p.order.iter().position(|&o| o == OP_CONTRAST).unwrap_or(4);
-    let mut sum = 0f64;
+    //    Summed in fixed point ([`grey_fixed`]): exact integer addition, so a GPU's parallel reduction gives the
+    //    same mean.
+    let mut sum = 0u64;
     for px in out.chunks_exact_mut(3) {
         let v = color_ops([px[0], px[1], px[2]], &p.order[..k], p, 0.0);
         px.copy_from_slice(&v);
-        sum += f64::from(gray(v));
+        sum = sum.wrapping_add(grey_fixed(gray(v)));
     }
-    let mean = (sum / (os * os) as f64) as f32;
+    let mean = grey_mean(sum, (os * os) as u64);
 
     // 3. Contrast and the operations after it, then normalize.
     for px in out.chunks_exact_mut(3) {

@@ -165,6 +165,22 @@ impl Loader {
         order
     }
 
+    /// The loader's configuration.
+    pub fn config(&self) -> &LoaderConfig {
+        &self.inner.cfg
+    }
+
+    /// The image source.
+    pub fn source(&self) -> &Arc<dyn ImageSource> {
+        &self.inner.src
+    }
+
+    /// The augmentation of sample `position` of `epoch` in a training loader: what [`Loader::fill`] applies to
+    /// it (the one place the loader draws parameters; the device-side epoch plan calls it too).
+    pub fn train_params(&self, epoch: u64, position: u64) -> Result<AugParams> {
+        train_params(&self.inner, epoch, position)
+    }
+
     /// Fills `images` (`len · S·S·3` floats for the batch's `len` samples) with batch `batch` of `order` (from
     /// [`Loader::epoch_order`]); returns (labels, indices). The hook for caller-owned (e.g. pinned) buffers.
     pub fn fill(
@@ -203,6 +219,11 @@ impl Loader {
     }
 }
 
+fn train_params(inner: &Inner, epoch: u64, position: u64) -> Result<AugParams> {
+    let size = u32::try_from(inner.src.size()).context("image side does not fit u32")?;
+    Ok(augment::draw(&inner.cfg.aug, inner.cfg.seed, epoch, position, size, size))
+}
+
 fn batch_range(inner: &Inner, order_len: usize, batch: usize) -> (usize, usize) {
     let b = inner.cfg.batch_size;
     let start = (batch * b).min(order_len);
@@ -232,7 +253,7 @@ fn fill_batch(
     for (k, (&idx, out)) in order[start..end].iter().zip(images.chunks_exact_mut(per)).enumerate() {
         let img = inner.src.image(idx);
         if inner.cfg.train {
-            let p = augment::draw(&inner.cfg.aug, inner.cfg.seed, epoch, (start + k) as u64, size32, size32);
+            let p = train_params(inner, epoch, (start + k) as u64)?;
             augment::apply(img, size32, inner.cfg.out_size, &p, out)?;
         } else if src_size == s {
             augment::normalize_eval(img, out)?;

@@ -36,6 +36,7 @@
 pub mod augment;
 pub mod cache;
 pub mod decode;
+pub mod device;
 pub mod loader;
 pub mod memory;
 pub mod source;

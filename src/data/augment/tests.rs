@@ -313,3 +313,36 @@ fn params_are_plain_80_byte_data() {
     let bytes: &[u8] = bytemuck::bytes_of(&p);
     assert_eq!(bytes.len(), 80);
 }
+
+#[test]
+fn portable_ln_and_sin_cos_are_accurate() {
+    // Every 24-bit uniform the noise can see, strided, plus the ends.
+    let mut worst_ln = 0f64;
+    for k in (1u32..=1 << 24).step_by(977).chain([1, 2, (1 << 24) - 1, 1 << 24]) {
+        let u = k as f32 * (1.0 / 16_777_216.0);
+        let want = f64::from(u).ln();
+        worst_ln = worst_ln.max((f64::from(portable_ln(u)) - want).abs() / want.abs().max(1e-30));
+    }
+    assert!(worst_ln < 1e-6, "ln relative error {worst_ln}");
+    assert_eq!(portable_ln(1.0), 0.0);
+    let mut worst_trig = 0f64;
+    for k in (0u32..1 << 24).step_by(613).chain([0, 1 << 22, 1 << 23, 3 << 22, (1 << 24) - 1]) {
+        let t = f64::from(k) * std::f64::consts::TAU / 16_777_216.0;
+        let (s, c) = portable_sin_cos(k);
+        worst_trig = worst_trig.max((f64::from(s) - t.sin()).abs()).max((f64::from(c) - t.cos()).abs());
+    }
+    assert!(worst_trig < 3e-7, "sin/cos absolute error {worst_trig}");
+    assert_eq!(portable_sin_cos(0), (0.0, 1.0));
+}
+
+#[test]
+fn contrast_mean_is_order_free_fixed_point() {
+    // Summing the same grey levels in another order gives the same integer, hence the same mean.
+    let greys: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 / 999.0).collect();
+    let fwd = greys.iter().fold(0u64, |a, &g| a.wrapping_add(grey_fixed(g)));
+    let rev = greys.iter().rev().fold(0u64, |a, &g| a.wrapping_add(grey_fixed(g)));
+    assert_eq!(fwd, rev);
+    let exact = greys.iter().map(|&g| f64::from(g)).sum::<f64>() / 1000.0;
+    assert!((f64::from(grey_mean(fwd, 1000)) - exact).abs() < 1e-7);
+    assert_eq!(grey_fixed(1.0), 1 << 40);
+}

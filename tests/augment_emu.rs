@@ -1,0 +1,242 @@
+//! The GPU data path on the emulated device (and on the first CUDA GPU when there is one): the fused augmentation
+//! kernel against the CPU applier bit for bit, the epoch plan against the CPU loader, the device loader's batches
+//! against the CPU loader's batches (resident and streamed from the host when the device is too small), and the
+//! `augment` family of `derma check`.
+
+use std::sync::Arc;
+
+use derma::cuda::augment::{AugShape, AugmentBatch, augment, partials_bytes};
+use derma::cuda::check::{Family, check_family, device_for_check, render_table};
+use derma::cuda::kernels::DevSlice;
+use derma::cuda::{DeviceRequest, Gpu, Schedule, probe};
+use derma::data::augment::{self, AugConfig, AugParams};
+use derma::data::device::{DeviceDataset, DeviceLoader, EpochPlan, Residency, UploadOptions};
+use derma::data::loader::{Batch, Loader, LoaderConfig, VecSource};
+use half::f16;
+
+fn fresh_seed() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+}
+
+/// The emulated device under two schedules, then the first GPU if one is usable.
+fn on_every_device(test: &str, mut body: impl FnMut(&Gpu, &str, u64)) {
+    let seed = fresh_seed();
+    println!("{test}: seed {seed}");
+    let emu = Gpu::emulated().unwrap_or_else(|e| panic!("{test}: the emulated device did not open: {e:#}"));
+    for schedule in [Schedule::Random, Schedule::WarpReverse] {
+        emu.set_schedule(schedule, seed).unwrap();
+        body(&emu, &format!("emu ({})", schedule.name()), seed);
+    }
+    if let Ok(sel) = device_for_check(&probe(), DeviceRequest::Cuda(0)) {
+        let gpu = Gpu::open(&sel).unwrap_or_else(|e| panic!("{test}: the probed GPU did not open: {e:#}"));
+        body(&gpu, &format!("cuda:0 ({})", gpu.info.name), seed);
+    }
+}
+
+fn random_bytes(seed: u64, n: usize) -> Vec<u8> {
+    (0..n as u64).map(|i| (derma::data::split_mix(seed ^ (i << 8)) >> 56) as u8).collect()
+}
+
+/// One streamed batch (no table) through the kernel; returns the output as f32 bits, or f16 bits widened.
+fn run_kernel<T: derma::cuda::kernels::Elem + Default + Clone>(
+    gpu: &Gpu,
+    images: &[u8],
+    params: &[AugParams],
+    size: u32,
+    out: u32,
+    step: Option<i64>,
+) -> Vec<T> {
+    let b = params.len();
+    let n = b * (out * out * 3) as usize;
+    let images_d = gpu.upload(images).unwrap();
+    let params_d = gpu.upload(bytemuck::cast_slice::<AugParams, u8>(params)).unwrap();
+    let out_d = gpu.upload(&vec![T::default(); n]).unwrap();
+    let partials = gpu.zeros(partials_bytes(b, out as usize)).unwrap();
+    let step_d = gpu.upload(&[step.unwrap_or(0)]).unwrap();
+    let a = AugmentBatch {
+        out: DevSlice::of(&out_d),
+        labels_out: None,
+        images: DevSlice::of(&images_d),
+        labels: None,
+        table: None,
+        params: DevSlice::of(&params_d),
+        step: step.map(|_| DevSlice::of(&step_d)),
+        partials: DevSlice::of(&partials),
+        shape: AugShape {
+            position0: 0,
+            positions: b as i64,
+            slots: b as i64,
+            batch: if step.is_some() { 1 } else { b as i32 },
+            size: size as i32,
+            out_size: out as i32,
+            pad_: 0,
+        },
+    };
+    augment::<T>(&gpu.kernels, &gpu.stream, &a).unwrap();
+    gpu.download::<T>(&out_d, if step.is_some() { n / b } else { n }).unwrap()
+}
+
+fn cpu(images: &[u8], params: &[AugParams], size: u32, out: u32) -> Vec<f32> {
+    let (per_in, per_out) = ((size * size * 3) as usize, (out * out * 3) as usize);
+    let mut want = vec![0f32; params.len() * per_out];
+    for (k, (chunk, p)) in want.chunks_exact_mut(per_out).zip(params).enumerate() {
+        augment::apply(&images[k * per_in..(k + 1) * per_in], size, out, p, chunk).unwrap();
+    }
+    want
+}
+
+#[test]
+fn fused_kernel_equals_the_cpu_applier_bit_for_bit() {
+    let strong = AugConfig { degrees: 45.0, scale: (0.2, 1.0), hue: 0.5, contrast: 0.6, ..AugConfig::default() };
+    let cases = [(19u32, 13u32, 3usize, AugConfig::default()), (11, 27, 2, strong.clone()), (64, 31, 3, strong)];
+    on_every_device("fused_kernel_equals_the_cpu_applier_bit_for_bit", |gpu, device, seed| {
+        // On a GPU, arithmetic of the same IEEE operations is the same too, so the claim is the same everywhere.
+        for (i, (size, out, b, cfg)) in cases.iter().enumerate() {
+            let s = seed ^ i as u64;
+            let images = random_bytes(s, b * (size * size * 3) as usize);
+            let params: Vec<AugParams> = (0..*b as u64).map(|p| augment::draw(cfg, s, 1, p, *size, *size)).collect();
+            let want = cpu(&images, &params, *size, *out);
+            let got32 = run_kernel::<f32>(gpu, &images, &params, *size, *out, None);
+            let bad = got32.iter().zip(&want).filter(|(g, w)| g.to_bits() != w.to_bits()).count();
+            assert_eq!(bad, 0, "{device}: case {i}: {bad} of {} f32 values differ from the CPU applier", want.len());
+            let got16 = run_kernel::<f16>(gpu, &images, &params, *size, *out, None);
+            let bad = got16.iter().zip(&want).filter(|(g, w)| g.to_bits() != f16::from_f32(**w).to_bits()).count();
+            assert_eq!(bad, 0, "{device}: case {i}: {bad} f16 values are not the CPU value rounded once");
+        }
+    });
+}
+
+#[test]
+fn step_counter_selects_the_plan_position_and_past_the_plan_is_nan() {
+    on_every_device("step_counter", |gpu, device, seed| {
+        let (size, out) = (9u32, 7u32);
+        let images = random_bytes(seed, 3 * (size * size * 3) as usize);
+        let params: Vec<AugParams> =
+            (0..3u64).map(|p| augment::draw(&AugConfig::default(), seed, 0, p, size, size)).collect();
+        let want = cpu(&images, &params, size, out);
+        let per = (out * out * 3) as usize;
+        // With batch 1 and no table, step k reads position k and image slot 0 (streamed), so compare with the
+        // CPU applier on image 0 under position k's parameters.
+        for k in 0..3 {
+            let got = run_kernel::<f32>(gpu, &images, &params, size, out, Some(k));
+            let want_k = cpu(&images[..(size * size * 3) as usize], &params[k as usize..=k as usize], size, out);
+            assert_eq!(got, want_k, "{device}: step {k}");
+            if k == 0 {
+                assert_eq!(got, want[..per].to_vec());
+            }
+        }
+        let past = run_kernel::<f32>(gpu, &images, &params, size, out, Some(3));
+        assert!(past.iter().all(|v| v.is_nan()), "{device}: a position past the plan must come out NaN");
+    });
+}
+
+fn source(n: usize, size: usize, seed: u64) -> Arc<VecSource> {
+    let images = (0..n).map(|i| random_bytes(seed ^ (i as u64 * 7919), size * size * 3)).collect();
+    Arc::new(VecSource { size, images, labels: (0..n).map(|i| (i * 5) % 8).collect() })
+}
+
+fn train_loader(src: Arc<VecSource>, batch: usize, out: u32, seed: u64) -> Loader {
+    let mut cfg = LoaderConfig::train(batch, out, seed);
+    cfg.workers = 2;
+    let n = src.images.len();
+    // Items in a different order than the source, so plan positions, items and slots are all different numbers.
+    Loader::new(src, (0..n).rev().collect(), cfg).unwrap()
+}
+
+#[test]
+fn epoch_plan_is_the_cpu_loaders_order_and_parameters() {
+    let seed = fresh_seed();
+    let src = source(23, 10, seed);
+    let loader = train_loader(src.clone(), 4, 8, seed);
+    for epoch in [0u64, 3] {
+        let plan = EpochPlan::new(&loader, epoch).unwrap();
+        assert_eq!(plan.batches(), 5, "23 items in batches of 4: the last partial batch is dropped");
+        assert_eq!(plan.order, loader.epoch_order(epoch)[..20].to_vec());
+        let cfg = AugConfig::default();
+        for (p, params) in plan.params.iter().enumerate() {
+            assert_eq!(*params, augment::draw(&cfg, seed, epoch, p as u64, 10, 10), "epoch {epoch} position {p}");
+        }
+        // The plan reproduces the CPU loader's batches exactly.
+        let batches: Vec<Batch> = loader.epoch(epoch).map(Result::unwrap).collect();
+        for (bi, batch) in batches.iter().enumerate() {
+            assert_eq!(batch.indices, plan.order[bi * 4..(bi + 1) * 4].to_vec());
+            let imgs: Vec<u8> = batch.indices.iter().flat_map(|&i| src.images[i].clone()).collect();
+            assert_eq!(batch.images, cpu(&imgs, &plan.params[bi * 4..(bi + 1) * 4], 10, 8), "batch {bi}");
+        }
+    }
+    assert_ne!(EpochPlan::new(&loader, 0).unwrap(), EpochPlan::new(&loader, 1).unwrap());
+    let eval = Loader::new(src, (0..23).collect(), LoaderConfig::eval(4, 8)).unwrap();
+    let e = EpochPlan::new(&eval, 0).unwrap_err().to_string();
+    assert!(e.contains("training loaders"), "{e}");
+}
+
+/// The device loader's batches of two epochs equal the CPU loader's (f32 bit for bit, f16 its rounding).
+fn device_batches_equal_cpu(gpu: &Gpu, device: &str, seed: u64, want_resident: bool) {
+    let src = source(40, 12, seed);
+    let loader = train_loader(src.clone(), 3, 9, seed);
+    let quiet = UploadOptions { quiet: true, chunk_bytes: 1000, ..UploadOptions::default() };
+    for half in [false, true] {
+        let data = DeviceDataset::upload(gpu, src.clone(), &quiet).unwrap();
+        assert_eq!(matches!(data.residency(), Residency::Resident), want_resident, "{device}: {:?}", data.residency());
+        let mut dl = if half {
+            DeviceLoader::new::<f16>(gpu, loader.clone(), data).unwrap()
+        } else {
+            DeviceLoader::new::<f32>(gpu, loader.clone(), data).unwrap()
+        };
+        for epoch in [2u64, 5] {
+            dl.begin_epoch(gpu, epoch).unwrap();
+            let cpu_batches: Vec<Batch> = loader.epoch(epoch).map(Result::unwrap).collect();
+            assert_eq!(cpu_batches.len(), 13);
+            for (bi, want) in cpu_batches.iter().enumerate() {
+                let n = want.images.len();
+                let (got, labels) = if half {
+                    let (o, l) = dl.batch::<f16>(gpu, bi).unwrap();
+                    let got: Vec<f16> = gpu.download(o, n).unwrap();
+                    let want16: Vec<u16> = want.images.iter().map(|&v| f16::from_f32(v).to_bits()).collect();
+                    assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want16, "{device} e{epoch} b{bi}");
+                    (vec![], gpu.download::<i32>(l, 3).unwrap())
+                } else {
+                    let (o, l) = dl.batch::<f32>(gpu, bi).unwrap();
+                    (gpu.download::<f32>(o, n).unwrap(), gpu.download::<i32>(l, 3).unwrap())
+                };
+                if !half {
+                    assert_eq!(got, want.images, "{device}: epoch {epoch} batch {bi} differs from the CPU loader");
+                }
+                let want_labels: Vec<i32> = want.labels.iter().map(|&l| l as i32).collect();
+                assert_eq!(labels, want_labels, "{device}: labels of epoch {epoch} batch {bi}");
+            }
+        }
+        assert!(dl.batch::<f32>(gpu, 0).is_err() == half, "a loader for one element type refuses the other");
+        assert!(dl.batch::<f32>(gpu, 13).is_err(), "batch past the epoch");
+    }
+}
+
+#[test]
+fn device_loader_resident_batches_equal_the_cpu_loader() {
+    on_every_device("device_loader_resident", |gpu, device, seed| device_batches_equal_cpu(gpu, device, seed, true));
+}
+
+#[test]
+fn too_small_a_device_streams_the_same_batches() {
+    // 40 images of 12x12x3 are 17,280 bytes; a 16 KiB device keeps a quarter of its free memory back, so the
+    // dataset stays on the host, while the loader's own buffers (about 8 KiB) still fit.
+    let seed = fresh_seed();
+    let gpu = Gpu::emulated_with_memory(Some(16 * 1024)).unwrap();
+    gpu.set_schedule(Schedule::Random, seed).unwrap();
+    device_batches_equal_cpu(&gpu, "emu (16 KiB)", seed, false);
+    // The same dataset fits a larger one.
+    let big = Gpu::emulated_with_memory(Some(1 << 20)).unwrap();
+    device_batches_equal_cpu(&big, "emu (1 MiB)", seed, true);
+}
+
+#[test]
+fn augment_check_family_passes() {
+    on_every_device("augment_check_family_passes", |gpu, device, seed| {
+        let results = check_family(gpu, Family::Augment, seed).unwrap_or_else(|e| panic!("{device}: {e:#}"));
+        print!("{}", render_table(&results));
+        assert!(results.len() >= 10);
+        assert!(results.iter().any(|r| r.shape.contains("224 -> 224")));
+        let failed: Vec<_> = results.iter().filter(|r| !r.pass).collect();
+        assert!(failed.is_empty(), "{device}: {} failed (seed {seed}):\n{}", failed.len(), render_table(&results));
+    });
+}
