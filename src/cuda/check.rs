@@ -638,6 +638,16 @@ fn elementwise<T: Store>(c: &mut Ctx) -> Result<()> {
     // The element before the view must stay untouched (NaN).
     let untouched = Fetched { values: vec![if got.values[0].is_nan() { 0.0 } else { f64::INFINITY }], outside: 0 };
     c.record_exact("silu_fwd (no write before the view)", dt, "1", &untouched, &[0.0]);
+    // Only the second input misaligned: every pointer of a vector load must be checked, not just the first two.
+    // x86 loads a misaligned 16-byte vector silently, so a guard that forgets one pointer shows under UBSan's
+    // alignment check (the ASan/UBSan flavour) or on a GPU.
+    let (a, ba) = c.rand::<T>(n, 3.0, 0.0)?;
+    let y = c.poison::<T>(n)?;
+    g.kernels.add::<T>(&g.stream, y.v()?, s(&ba), DevSlice::range(&bx, es, n * es)?, n)?;
+    let got = c.fetch::<T>(&y)?;
+    let mut want = vec![0.0; n];
+    ops::elementwise::add_forward(&a, &x[1..], &mut want);
+    c.record("add (second input at +1 element)", dt, &format!("n={n}"), &got, &want, Accuracy::Elementwise);
     Ok(())
 }
 
