@@ -12,7 +12,7 @@ use half::f16;
 
 use super::Gpu;
 use super::alloc::Block;
-use super::check::{CheckResult, Dtype, Family};
+use super::check::{CANARY, CheckResult, Dtype, FENCE, Family};
 use super::device::Stream;
 use super::kernels::{DevSlice, Elem, KernelArg, Kernels, Launch};
 use crate::data::augment::{self, AugConfig, AugParams};
@@ -213,13 +213,13 @@ fn check_case<T: Readback>(gpu: &Gpu, case: &Case, seed: u64, resident: bool) ->
     let labels_d = gpu.upload(&labels)?;
     let table_d = gpu.upload(&table)?;
     let params_d = gpu.upload(bytemuck::cast_slice::<AugParams, u8>(&params))?;
-    let out_d = gpu.upload(&vec![T::default(); b * os * os * 3])?;
-    poison::<T>(gpu, &out_d, b * os * os * 3)?;
-    let labels_out_d = gpu.upload(&vec![-1i32; b])?;
+    let out_bytes = b * os * os * 3 * size_of::<T>();
+    let out_d = fenced(gpu, &vec![0xFFu8; out_bytes])?;
+    let labels_out_d = fenced(gpu, bytemuck::cast_slice(&vec![-1i32; b]))?;
     let partials_d: Block = gpu.zeros(partials_bytes(b, os))?;
     let batch = AugmentBatch {
-        out: DevSlice::of(&out_d),
-        labels_out: Some(DevSlice::of(&labels_out_d)),
+        out: DevSlice::range(&out_d, FENCE, out_bytes)?,
+        labels_out: Some(DevSlice::range(&labels_out_d, FENCE, b * size_of::<i32>())?),
         images: DevSlice::of(&images_d),
         labels: Some(DevSlice::of(&labels_d)),
         table: resident.then(|| DevSlice::of(&table_d)),
@@ -237,8 +237,12 @@ fn check_case<T: Readback>(gpu: &Gpu, case: &Case, seed: u64, resident: bool) ->
         },
     };
     augment::<T>(&gpu.kernels, &gpu.stream, &batch).context("augment launch")?;
-    let got: Vec<f32> = gpu.download::<T>(&out_d, b * os * os * 3)?.into_iter().map(T::to_f32).collect();
-    let got_labels = gpu.download::<i32>(&labels_out_d, b)?;
+    let mut got = vec![T::default(); b * os * os * 3];
+    gpu.read(&out_d, FENCE, &mut got)?;
+    let got: Vec<f32> = got.into_iter().map(T::to_f32).collect();
+    let mut got_labels = vec![0i32; b];
+    gpu.read(&labels_out_d, FENCE, &mut got_labels)?;
+    let outside = outside_writes(gpu, &out_d, out_bytes)? + outside_writes(gpu, &labels_out_d, b * size_of::<i32>())?;
 
     let mut want = vec![0f32; b * os * os * 3];
     let mut want_labels = Vec::with_capacity(b);
@@ -255,19 +259,32 @@ fn check_case<T: Readback>(gpu: &Gpu, case: &Case, seed: u64, resident: bool) ->
         case.out,
         if resident { "resident, shuffled table" } else { "streamed" }
     );
-    Ok(judge_augment(T::DTYPE, &shape, &got, &want, got_labels == want_labels))
+    Ok(judge_augment(T::DTYPE, &shape, &got, &want, got_labels == want_labels, outside))
 }
 
-/// The output buffer filled with NaN (all-ones bytes are a NaN in f32 and f16), so an element the kernel does not
-/// write fails the comparison.
-fn poison<T: Readback>(gpu: &Gpu, out: &Block, n: usize) -> Result<()> {
-    gpu.write(out, 0, &vec![0xFFu8; n * size_of::<T>()])
+/// `init` between two runs of canary bytes ([`FENCE`] each side), as the other families' outputs are: the kernel
+/// gets only the middle, so a write past either end changes a canary. The image output is initialised to all-ones
+/// bytes (a NaN in f32 and f16), so an element the kernel does not write fails the comparison.
+fn fenced(gpu: &Gpu, init: &[u8]) -> Result<Block> {
+    let block = gpu.zeros(init.len() + 2 * FENCE)?;
+    gpu.write(&block, 0, &[CANARY; FENCE])?;
+    gpu.write(&block, FENCE, init)?;
+    gpu.write(&block, FENCE + init.len(), &[CANARY; FENCE])?;
+    Ok(block)
+}
+
+/// Canary bytes around a [`fenced`] buffer of `len` bytes that no longer hold [`CANARY`].
+fn outside_writes(gpu: &Gpu, block: &Block, len: usize) -> Result<usize> {
+    let (mut before, mut after) = ([0u8; FENCE], [0u8; FENCE]);
+    gpu.read(block, 0, &mut before)?;
+    gpu.read(block, FENCE + len, &mut after)?;
+    Ok(before.iter().chain(&after).filter(|&&c| c != CANARY).count())
 }
 
 /// One result row. f32: pass when every |Δ| ≤ 1e-5; the row's `rel` is `max|Δ| / max|ref|` and `tol` the same
 /// bound divided by `max|ref|`. f16: pass when every |Δ| ≤ half an f16 ulp of the reference + 1e-5; the row's
 /// `rel` is the worst |Δ| in units of that bound, `tol` 1. Either fails on a NaN or a wrong label.
-fn judge_augment(dtype: Dtype, shape: &str, got: &[f32], want: &[f32], labels_ok: bool) -> CheckResult {
+fn judge_augment(dtype: Dtype, shape: &str, got: &[f32], want: &[f32], labels_ok: bool, outside: usize) -> CheckResult {
     let mut max_abs = 0f64;
     let mut max_ref = 0f64;
     let mut worst_units = 0f64;
@@ -286,7 +303,7 @@ fn judge_augment(dtype: Dtype, shape: &str, got: &[f32], want: &[f32], labels_ok
         Dtype::F32 => ("augment f32 (|d| <= 1e-5)", max_abs / max_ref.max(1e-30), F32_ABS_TOL / max_ref.max(1e-30)),
         _ => ("augment f16 (|d| in half-ulp+1e-5 units)", worst_units, 1.0),
     };
-    let pass = finite && labels_ok && rel <= tol;
+    let pass = finite && labels_ok && rel <= tol && outside == 0;
     CheckResult {
         family: Family::Augment,
         op: if labels_ok { op.to_string() } else { format!("{op}, LABELS WRONG") },
@@ -304,8 +321,7 @@ fn judge_augment(dtype: Dtype, shape: &str, got: &[f32], want: &[f32], labels_ok
         } else {
             f64::INFINITY
         },
-        // The augmentation outputs are not fenced by canaries yet (the other families' are).
-        outside_writes: 0,
+        outside_writes: outside,
         pass,
     }
 }
@@ -334,16 +350,17 @@ mod tests {
     #[test]
     fn judge_rejects_nan_offsets_and_wrong_labels() {
         let want = vec![0.5f32, -1.0, 2.0];
-        assert!(judge_augment(Dtype::F32, "", &want, &want, true).pass);
+        assert!(judge_augment(Dtype::F32, "", &want, &want, true, 0).pass);
         let mut off = want.clone();
         off[2] += 2e-5;
-        assert!(!judge_augment(Dtype::F32, "", &off, &want, true).pass);
+        assert!(!judge_augment(Dtype::F32, "", &off, &want, true, 0).pass);
         off[2] = f32::NAN;
-        assert!(!judge_augment(Dtype::F32, "", &off, &want, true).pass);
-        assert!(!judge_augment(Dtype::F32, "", &want, &want, false).pass);
+        assert!(!judge_augment(Dtype::F32, "", &off, &want, true, 0).pass);
+        assert!(!judge_augment(Dtype::F32, "", &want, &want, false, 0).pass);
+        assert!(!judge_augment(Dtype::F32, "", &want, &want, true, 1).pass, "a changed canary fails the row");
         let rounded: Vec<f32> = want.iter().map(|&v| f16::from_f32(v + 1e-4).to_f32()).collect();
-        assert!(judge_augment(Dtype::F16, "", &rounded, &want, true).pass);
+        assert!(judge_augment(Dtype::F16, "", &rounded, &want, true, 0).pass);
         let far: Vec<f32> = want.iter().map(|&v| v + 0.01).collect();
-        assert!(!judge_augment(Dtype::F16, "", &far, &want, true).pass);
+        assert!(!judge_augment(Dtype::F16, "", &far, &want, true, 0).pass);
     }
 }

@@ -381,10 +381,10 @@ fn s(b: &Block) -> DevSlice<'_> {
 /// Canary bytes before and after every output: a multiple of 256, so the output view keeps cudaMalloc's alignment
 /// (the vector paths and cuBLASLt see the addresses they would see on a fresh allocation), and wider than any
 /// vector store, so an overrun by one vector lands inside it.
-const FENCE: usize = 256;
+pub(crate) const FENCE: usize = 256;
 /// The canary byte: neither 0x00 (zeroed memory) nor 0xFF (fresh emulated memory), and as f32 (-2.9e-16) or f16
 /// (-0.0221) a finite value no kernel here writes by accident.
-const CANARY: u8 = 0xA5;
+pub(crate) const CANARY: u8 = 0xA5;
 
 /// A device buffer between two canaries: [FENCE canary bytes | `len` bytes | FENCE canary bytes]. Kernels get
 /// only the middle ([`Fenced::v`]), so a write past either end of an output changes a canary.
