@@ -59,8 +59,15 @@ fn layers(c: &mut Criterion) {
             let mut rng = Pcg64::seed_from_u64(0);
             let mut tape = Tape::new();
             let xv = tape.leaf(x.clone());
-            let mut ctx =
-                Ctx { train: true, dropout: false, stochastic_depth: false, frozen_bn_eval: true, rng: &mut rng };
+            let mut ctx = Ctx {
+                train: true,
+                dropout: false,
+                stochastic_depth: false,
+                frozen_bn_eval: true,
+                rng: &mut rng,
+                counter_masks: None,
+                masks_drawn: 0,
+            };
             let y = block.forward(&mut tape, &store, xv, &mut ctx, false).unwrap();
             let seed = Array::full(tape.shape(y), 1.0);
             let mut s2 = store.clone();
@@ -80,8 +87,15 @@ fn model(c: &mut Criterion) {
             let mut rng = Pcg64::seed_from_u64(0);
             let mut tape = Tape::inference();
             let xv = tape.constant(x.clone());
-            let mut ctx =
-                Ctx { train: false, dropout: false, stochastic_depth: false, frozen_bn_eval: true, rng: &mut rng };
+            let mut ctx = Ctx {
+                train: false,
+                dropout: false,
+                stochastic_depth: false,
+                frozen_bn_eval: true,
+                rng: &mut rng,
+                counter_masks: None,
+                masks_drawn: 0,
+            };
             black_box(m.forward(&mut tape, xv, &mut ctx).unwrap());
         })
     });
@@ -91,8 +105,15 @@ fn model(c: &mut Criterion) {
             let mut rng = Pcg64::seed_from_u64(0);
             let mut tape = Tape::new();
             let xv = tape.constant(x.clone());
-            let mut ctx =
-                Ctx { train: true, dropout: true, stochastic_depth: true, frozen_bn_eval: true, rng: &mut rng };
+            let mut ctx = Ctx {
+                train: true,
+                dropout: true,
+                stochastic_depth: true,
+                frozen_bn_eval: true,
+                rng: &mut rng,
+                counter_masks: None,
+                masks_drawn: 0,
+            };
             let logits = m.forward(&mut tape, xv, &mut ctx).unwrap();
             let l = loss::loss(&mut tape, logits, &targets, None, &LossKind::CrossEntropy).unwrap();
             m.params.zero_grad();

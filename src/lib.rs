@@ -13,6 +13,7 @@
 //! - [`tools`]: `derma forward`, the comparison tool for kernel and model work.
 
 pub mod autograd;
+pub mod backend;
 pub mod cuda;
 pub mod data;
 pub mod interrupt;

@@ -115,7 +115,7 @@ fn act_case(act: Act) {
             *v = 0.5
         }
     });
-    check(&[x], |t, v| Ok(activation::activate(t, act, v[0])));
+    check(&[x], |t, v| activation::activate(t, act, v[0]));
 }
 
 #[test]
@@ -242,8 +242,15 @@ fn gradcheck_mbconv() {
         &mut store,
         |t, s| {
             let mut mask_rng = Pcg64::seed_from_u64(3);
-            let mut ctx =
-                Ctx { train: true, dropout: true, stochastic_depth: true, frozen_bn_eval: true, rng: &mut mask_rng };
+            let mut ctx = Ctx {
+                train: true,
+                dropout: true,
+                stochastic_depth: true,
+                frozen_bn_eval: true,
+                rng: &mut mask_rng,
+                counter_masks: None,
+                masks_drawn: 0,
+            };
             let xv = t.constant(xs.clone());
             block.forward(t, s, xv, &mut ctx, false)
         },
@@ -256,8 +263,15 @@ fn gradcheck_mbconv() {
     (0..frozen.len()).for_each(|id| frozen.set_trainable(id, false));
     check(&[x], |t, v| {
         let mut mask_rng = Pcg64::seed_from_u64(3);
-        let mut ctx =
-            Ctx { train: true, dropout: true, stochastic_depth: true, frozen_bn_eval: true, rng: &mut mask_rng };
+        let mut ctx = Ctx {
+            train: true,
+            dropout: true,
+            stochastic_depth: true,
+            frozen_bn_eval: true,
+            rng: &mut mask_rng,
+            counter_masks: None,
+            masks_drawn: 0,
+        };
         b2.forward(t, &frozen, v[0], &mut ctx, false)
     });
 }
@@ -282,8 +296,15 @@ fn gradcheck_seed_head() {
         &mut store,
         |t, s| {
             let mut mask_rng = Pcg64::seed_from_u64(9);
-            let mut ctx =
-                Ctx { train: true, dropout: true, stochastic_depth: true, frozen_bn_eval: true, rng: &mut mask_rng };
+            let mut ctx = Ctx {
+                train: true,
+                dropout: true,
+                stochastic_depth: true,
+                frozen_bn_eval: true,
+                rng: &mut mask_rng,
+                counter_masks: None,
+                masks_drawn: 0,
+            };
             let xv = t.constant(x.clone());
             let logits = head.forward(t, s, xv, &mut ctx)?;
             loss::loss(t, logits, &targets, Some(&alpha), &LossKind::Focal { gamma: 2.0 })

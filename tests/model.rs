@@ -67,7 +67,15 @@ fn frozen_backbone_is_never_entered() {
     let mut rng = Pcg64::seed_from_u64(2);
     let mut tape = Tape::new();
     let x = tape.constant(images(2, 32, 3));
-    let mut ctx = Ctx { train: true, dropout: true, stochastic_depth: true, frozen_bn_eval: true, rng: &mut rng };
+    let mut ctx = Ctx {
+        train: true,
+        dropout: true,
+        stochastic_depth: true,
+        frozen_bn_eval: true,
+        rng: &mut rng,
+        counter_masks: None,
+        masks_drawn: 0,
+    };
     let logits = m.forward(&mut tape, x, &mut ctx).unwrap();
     let l = loss::loss(&mut tape, logits, &[1, 4], None, &LossKind::Focal { gamma: 2.0 }).unwrap();
     // Only the head is on the tape, from its first linear on (the dropout before it has nothing to differentiate).
@@ -75,10 +83,14 @@ fn frozen_backbone_is_never_entered() {
     tape.backward(l, &mut m.params).unwrap();
     for (i, ids) in m.block_params.iter().enumerate() {
         for &id in ids {
-            assert!(m.params.get(id).grad.is_none(), "block {i} param {} got a gradient", m.params.get(id).name);
+            assert!(m.params.grad(id).is_none(), "block {i} param {} got a gradient", m.params.get(id).name);
         }
     }
-    assert!(m.params.iter().filter(|p| p.name.starts_with("classifier")).all(|p| p.grad.is_some()));
+    assert!(
+        (0..m.params.len())
+            .filter(|&id| m.params.get(id).name.starts_with("classifier"))
+            .all(|id| m.params.grad(id).is_some())
+    );
     // Frozen blocks keep their running statistics by default; the head's BN updates.
     assert_eq!(m.stem.bn.state.num_batches_tracked, 0);
     assert_eq!(m.batch_norms().last().unwrap().state.num_batches_tracked, 1);
@@ -91,7 +103,15 @@ fn partial_freeze_stops_backward_at_the_first_trainable_block() {
     let mut rng = Pcg64::seed_from_u64(2);
     let mut tape = Tape::new();
     let x = tape.constant(images(2, 32, 4));
-    let mut ctx = Ctx { train: true, dropout: false, stochastic_depth: false, frozen_bn_eval: false, rng: &mut rng };
+    let mut ctx = Ctx {
+        train: true,
+        dropout: false,
+        stochastic_depth: false,
+        frozen_bn_eval: false,
+        rng: &mut rng,
+        counter_masks: None,
+        masks_drawn: 0,
+    };
     let logits = m.forward(&mut tape, x, &mut ctx).unwrap();
     let l = loss::loss(&mut tape, logits, &[0, 2], None, &LossKind::CrossEntropy).unwrap();
     // Block 7 (one MBConv6: expand, dw, SE, project) + block 8 + pool + head + loss. The first recorded node is
@@ -100,7 +120,7 @@ fn partial_freeze_stops_backward_at_the_first_trainable_block() {
     tape.backward(l, &mut m.params).unwrap();
     for (i, ids) in m.block_params.iter().enumerate() {
         for &id in ids {
-            assert_eq!(m.params.get(id).grad.is_some(), i >= 7, "{}", m.params.get(id).name);
+            assert_eq!(m.params.grad(id).is_some(), i >= 7, "{}", m.params.get(id).name);
         }
     }
     // With frozen_bn_eval off, frozen blocks' BN updates as in PyTorch's train mode.
@@ -115,8 +135,15 @@ fn state_dict_roundtrip_reproduces_outputs() {
     {
         let mut t = Tape::inference();
         let x = t.constant(images(3, 32, 5));
-        let mut ctx =
-            Ctx { train: true, dropout: false, stochastic_depth: false, frozen_bn_eval: false, rng: &mut rng };
+        let mut ctx = Ctx {
+            train: true,
+            dropout: false,
+            stochastic_depth: false,
+            frozen_bn_eval: false,
+            rng: &mut rng,
+            counter_masks: None,
+            masks_drawn: 0,
+        };
         a.forward(&mut t, x, &mut ctx).unwrap();
     }
     let sd = a.state_dict();
@@ -127,8 +154,15 @@ fn state_dict_roundtrip_reproduces_outputs() {
         let mut rng = Pcg64::seed_from_u64(0);
         let mut t = Tape::inference();
         let x = t.constant(images(2, 32, 6));
-        let mut ctx =
-            Ctx { train: false, dropout: false, stochastic_depth: false, frozen_bn_eval: true, rng: &mut rng };
+        let mut ctx = Ctx {
+            train: false,
+            dropout: false,
+            stochastic_depth: false,
+            frozen_bn_eval: true,
+            rng: &mut rng,
+            counter_masks: None,
+            masks_drawn: 0,
+        };
         let y = m.forward(&mut t, x, &mut ctx).unwrap();
         t.value(y).data.clone()
     };

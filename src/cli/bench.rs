@@ -127,22 +127,38 @@ fn run_cpu(a: CpuArgs) -> Result<()> {
     let forward_eval = time(a.steps, a.batch, || {
         let mut tape = Tape::inference();
         let xv = tape.constant(x.clone());
-        let mut ctx =
-            Ctx { train: false, dropout: false, stochastic_depth: false, frozen_bn_eval: true, rng: &mut rng };
+        let mut ctx = Ctx {
+            train: false,
+            dropout: false,
+            stochastic_depth: false,
+            frozen_bn_eval: true,
+            rng: &mut rng,
+            counter_masks: None,
+            masks_drawn: 0,
+        };
         model.forward(&mut tape, xv, &mut ctx)?;
         Ok(())
     })?;
     let train_step = time(a.steps, a.batch, || {
         let mut tape = Tape::new();
         let xv = tape.constant(x.clone());
-        let mut ctx = Ctx { train: true, dropout: true, stochastic_depth: true, frozen_bn_eval: true, rng: &mut rng };
+        let mut ctx = Ctx {
+            train: true,
+            dropout: true,
+            stochastic_depth: true,
+            frozen_bn_eval: true,
+            rng: &mut rng,
+            counter_masks: None,
+            masks_drawn: 0,
+        };
         let logits = model.forward(&mut tape, xv, &mut ctx)?;
         let l = loss::loss(&mut tape, logits, &targets, None, &LossKind::CrossEntropy)?;
         model.params.zero_grad();
         tape.backward(l, &mut model.params)?;
-        for p in model.params.iter_mut() {
-            let Some(g) = p.grad.take() else { continue };
-            opt.step_one(&p.name, &mut p.value.data, &g.data, lr)?;
+        // The tape shares the parameters' storage: gone, the step writes them in place.
+        drop(tape);
+        for (p, g) in model.params.params_and_grads_mut() {
+            opt.step_one(&p.name, &mut std::sync::Arc::make_mut(&mut p.value).data, g, lr)?;
         }
         Ok(())
     })?;

@@ -8,6 +8,7 @@
 use super::init::{kaiming_normal_fan_out, uniform};
 use super::{BatchNorm, Conv2d, Ctx, Layout, Linear, Registry, maybe_dropout};
 use crate::autograd::{ParamId, ParamStore, Tape, Var};
+use crate::backend::{Backend, MaskKind};
 use crate::io::{StateDict, check_keys};
 use crate::ops::activation::{self, Act};
 use crate::ops::batchnorm::{BnCfg, BnState};
@@ -191,9 +192,9 @@ impl<T: Float> ConvBnAct<T> {
         Self { conv: Conv2d { weight, cfg: ConvCfg { stride, pad: (k - 1) / 2, groups } }, bn, act }
     }
 
-    pub fn forward(
+    pub fn forward<B: Backend<Host = T>>(
         &mut self,
-        tape: &mut Tape<T>,
+        tape: &mut Tape<T, B>,
         store: &ParamStore<T>,
         x: Var,
         ctx: &Ctx<'_>,
@@ -213,8 +214,9 @@ fn new_bn<T: Float>(
 ) -> BatchNorm<T> {
     let weight = reg.add(&format!("{prefix}.weight"), Array::full(&[c], T::one()), Layout::Same);
     let bias = reg.add(&format!("{prefix}.bias"), Array::zeros(&[c]), Layout::Same);
+    let index = bns.len();
     bns.push(prefix.to_string());
-    BatchNorm { weight, bias, state: BnState::new(c), cfg }
+    BatchNorm { weight, bias, state: BnState::new(c), cfg, index }
 }
 
 /// Squeeze-excite: pool → fc1 → SiLU → fc2 → sigmoid → scale.
@@ -243,12 +245,17 @@ impl SqueezeExcite {
         Self { fc1, fc2 }
     }
 
-    pub fn forward<T: Float>(&self, tape: &mut Tape<T>, store: &ParamStore<T>, x: Var) -> Result<Var> {
+    pub fn forward<T: Float, B: Backend<Host = T>>(
+        &self,
+        tape: &mut Tape<T, B>,
+        store: &ParamStore<T>,
+        x: Var,
+    ) -> Result<Var> {
         let s = pool::global_avg_pool(tape, x)?;
         let s = self.fc1.forward(tape, store, s)?;
-        let s = activation::silu(tape, s);
+        let s = activation::silu(tape, s)?;
         let s = self.fc2.forward(tape, store, s)?;
-        let s = activation::sigmoid(tape, s);
+        let s = activation::sigmoid(tape, s)?;
         scale::channel_scale(tape, x, s)
     }
 }
@@ -297,9 +304,9 @@ impl<T: Float> MbConv<T> {
         Self { expand, depthwise, se, project, residual: stride == 1 && cin == cout, stochastic_depth_prob: sd_prob }
     }
 
-    pub fn forward(
+    pub fn forward<B: Backend<Host = T>>(
         &mut self,
-        tape: &mut Tape<T>,
+        tape: &mut Tape<T, B>,
         store: &ParamStore<T>,
         x: Var,
         ctx: &mut Ctx<'_>,
@@ -313,8 +320,9 @@ impl<T: Float> MbConv<T> {
         h = self.se.forward(tape, store, h)?;
         h = self.project.forward(tape, store, h, ctx, frozen)?;
         if self.residual {
-            if ctx.train && ctx.stochastic_depth {
-                h = dropout::stochastic_depth(tape, h, self.stochastic_depth_prob, ctx.rng)?;
+            if ctx.train && ctx.stochastic_depth && self.stochastic_depth_prob > 0.0 {
+                let source = ctx.mask_source();
+                h = dropout::drop(tape, MaskKind::Row, h, self.stochastic_depth_prob, source)?;
             }
             h = elementwise::add(tape, h, x)?;
         }
@@ -366,7 +374,13 @@ impl<T: Float> Head<T> {
     }
 
     /// Pooled features `[N, F]` → logits `[N, C]`.
-    pub fn forward(&mut self, tape: &mut Tape<T>, store: &ParamStore<T>, x: Var, ctx: &mut Ctx<'_>) -> Result<Var> {
+    pub fn forward<B: Backend<Host = T>>(
+        &mut self,
+        tape: &mut Tape<T, B>,
+        store: &ParamStore<T>,
+        x: Var,
+        ctx: &mut Ctx<'_>,
+    ) -> Result<Var> {
         match self {
             Head::Torchvision { dropout, fc } => {
                 let h = maybe_dropout(tape, ctx, x, *dropout)?;
@@ -375,7 +389,7 @@ impl<T: Float> Head<T> {
             Head::Seed { dropout, fc1, bn, fc2 } => {
                 let h = maybe_dropout(tape, ctx, x, dropout.0)?;
                 let h = fc1.forward(tape, store, h)?;
-                let h = activation::relu(tape, h);
+                let h = activation::relu(tape, h)?;
                 let h = bn.forward(tape, store, h, ctx.bn_mode(false), None)?;
                 let h = maybe_dropout(tape, ctx, h, dropout.1)?;
                 fc2.forward(tape, store, h)
@@ -472,7 +486,7 @@ impl<T: Float> EfficientNet<T> {
     }
 
     /// Images `[N, H, W, 3]` (NHWC, normalized) → logits `[N, C]`.
-    pub fn forward(&mut self, tape: &mut Tape<T>, x: Var, ctx: &mut Ctx<'_>) -> Result<Var> {
+    pub fn forward<B: Backend<Host = T>>(&mut self, tape: &mut Tape<T, B>, x: Var, ctx: &mut Ctx<'_>) -> Result<Var> {
         let s = tape.shape(x);
         if s.len() != 4 || s[3] != 3 {
             bail!("model input must be NHWC images [N, H, W, 3], got shape {s:?}");
@@ -590,7 +604,7 @@ impl<T: Float> EfficientNet<T> {
             let name = self.params.get(id).name.clone();
             if let Some(t) = given.get(name.as_str()) {
                 let shape = self.params.get(id).value.shape.clone();
-                self.params.get_mut(id).value = from_torch(self.layouts[id], t, &shape);
+                *self.params.get_mut(id).value_mut() = from_torch(self.layouts[id], t, &shape);
             }
         }
         let names = self.bn_names.clone();

@@ -9,6 +9,7 @@ pub mod init;
 pub mod summary;
 
 use crate::autograd::{ParamId, ParamStore, Tape, Var};
+use crate::backend::{Backend, BnStats, MaskKind, MaskSource, mask_key};
 use crate::ops::activation::Act;
 use crate::ops::batchnorm::{self, BnCfg, BnMode, BnState};
 use crate::ops::conv::{self, ConvCfg};
@@ -31,11 +32,52 @@ pub struct Ctx<'a> {
     /// In training, batch norm of frozen feature blocks normalizes with and keeps its running statistics
     /// (derma's default). When false, it uses batch statistics and updates them, as PyTorch's train mode does.
     pub frozen_bn_eval: bool,
-    /// Randomness for dropout and stochastic-depth masks.
+    /// Randomness for dropout and stochastic-depth masks drawn on the host (the CPU trainer's).
     pub rng: &'a mut Pcg64,
+    /// When set, masks follow the counter rule instead, keyed by (seed, epoch, step, layer): what the device
+    /// kernels draw, so a CPU and a CUDA run of one step use the same masks.
+    pub counter_masks: Option<CounterMasks>,
+    /// Masks drawn so far in this forward pass (the layer part of a counter key).
+    pub masks_drawn: u64,
 }
 
-impl Ctx<'_> {
+/// The step a counter-rule mask belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CounterMasks {
+    pub seed: u64,
+    pub epoch: u64,
+    pub step: u64,
+}
+
+impl<'a> Ctx<'a> {
+    /// Inference: no batch statistics, no dropout, no stochastic depth.
+    pub fn eval(rng: &'a mut Pcg64) -> Self {
+        Self {
+            train: false,
+            dropout: false,
+            stochastic_depth: false,
+            frozen_bn_eval: true,
+            rng,
+            counter_masks: None,
+            masks_drawn: 0,
+        }
+    }
+
+    /// Training with the trainer's defaults (dropout, stochastic depth, frozen blocks' BN in eval), host masks.
+    pub fn train(rng: &'a mut Pcg64) -> Self {
+        Self { train: true, dropout: true, stochastic_depth: true, ..Self::eval(rng) }
+    }
+
+    /// Where the next mask comes from.
+    pub fn mask_source(&mut self) -> MaskSource<'_> {
+        let layer = self.masks_drawn;
+        self.masks_drawn += 1;
+        match self.counter_masks {
+            Some(c) => MaskSource::Counter { key: mask_key(c.seed, c.epoch, c.step, layer) },
+            None => MaskSource::Host(self.rng),
+        }
+    }
+
     /// The batch-norm mode for a layer inside a block that is `frozen` or not.
     pub fn bn_mode(&self, frozen: bool) -> BnMode {
         if !self.train || (frozen && self.frozen_bn_eval) {
@@ -65,8 +107,13 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    pub fn forward<T: Float>(&self, tape: &mut Tape<T>, store: &ParamStore<T>, x: Var) -> Result<Var> {
-        let w = tape.param(store, self.weight);
+    pub fn forward<T: Float, B: Backend<Host = T>>(
+        &self,
+        tape: &mut Tape<T, B>,
+        store: &ParamStore<T>,
+        x: Var,
+    ) -> Result<Var> {
+        let w = tape.param(store, self.weight)?;
         conv::conv2d(tape, x, w, None, self.cfg)
     }
 }
@@ -78,20 +125,23 @@ pub struct BatchNorm<T> {
     pub bias: ParamId,
     pub state: BnState<T>,
     pub cfg: BnCfg,
+    /// Position in the model's batch-norm order (how a device backend finds its copy of the statistics).
+    pub index: usize,
 }
 
 impl<T: Float> BatchNorm<T> {
-    pub fn forward(
+    pub fn forward<B: Backend<Host = T>>(
         &mut self,
-        tape: &mut Tape<T>,
+        tape: &mut Tape<T, B>,
         store: &ParamStore<T>,
         x: Var,
         mode: BnMode,
         act: Option<Act>,
     ) -> Result<Var> {
-        let g = tape.param(store, self.weight);
-        let b = tape.param(store, self.bias);
-        batchnorm::batch_norm(tape, x, g, b, &mut self.state, mode, self.cfg, act)
+        let g = tape.param(store, self.weight)?;
+        let b = tape.param(store, self.bias)?;
+        let stats = BnStats { index: self.index, state: &mut self.state };
+        batchnorm::batch_norm(tape, x, g, b, stats, mode, self.cfg, act)
     }
 }
 
@@ -103,16 +153,31 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn forward<T: Float>(&self, tape: &mut Tape<T>, store: &ParamStore<T>, x: Var) -> Result<Var> {
-        let w = tape.param(store, self.weight);
-        let b = tape.param(store, self.bias);
+    pub fn forward<T: Float, B: Backend<Host = T>>(
+        &self,
+        tape: &mut Tape<T, B>,
+        store: &ParamStore<T>,
+        x: Var,
+    ) -> Result<Var> {
+        let w = tape.param(store, self.weight)?;
+        let b = tape.param(store, self.bias)?;
         linear::linear(tape, x, w, Some(b))
     }
 }
 
 /// Dropout in training when enabled, identity otherwise.
-pub fn maybe_dropout<T: Float>(tape: &mut Tape<T>, ctx: &mut Ctx<'_>, x: Var, p: f64) -> Result<Var> {
-    if ctx.train && ctx.dropout { dropout::dropout(tape, x, p, ctx.rng) } else { Ok(x) }
+pub fn maybe_dropout<T: Float, B: Backend<Host = T>>(
+    tape: &mut Tape<T, B>,
+    ctx: &mut Ctx<'_>,
+    x: Var,
+    p: f64,
+) -> Result<Var> {
+    if ctx.train && ctx.dropout && p > 0.0 {
+        let source = ctx.mask_source();
+        dropout::drop(tape, MaskKind::Element, x, p, source)
+    } else {
+        Ok(x)
+    }
 }
 
 /// Where layers register their parameters: the store and, alongside, each parameter's PyTorch layout.

@@ -63,7 +63,15 @@ pub fn run(model: &mut EfficientNet<f32>, inputs: &[(String, Tensor)], mode: Mod
     }
     let mut tape = if train { Tape::new() } else { Tape::inference() };
     let xv = tape.constant(x);
-    let mut ctx = Ctx { train, dropout: false, stochastic_depth: false, frozen_bn_eval: false, rng: &mut rng };
+    let mut ctx = Ctx {
+        train,
+        dropout: false,
+        stochastic_depth: false,
+        frozen_bn_eval: false,
+        rng: &mut rng,
+        counter_masks: None,
+        masks_drawn: 0,
+    };
     let logits = model.forward(&mut tape, xv, &mut ctx)?;
     let mut out: Outputs = vec![("logits".into(), Tensor::from_f32(&[n, classes], tape.value(logits).data.clone())?)];
     if !train {
@@ -87,10 +95,13 @@ pub fn run(model: &mut EfficientNet<f32>, inputs: &[(String, Tensor)], mode: Mod
     };
     let l = loss::loss(&mut tape, logits, &targets, alpha.as_deref(), kind)?;
     out.push(("loss".into(), Tensor::from_f32(&[], vec![tape.value(l).data[0]])?));
-    model.params.iter_mut().for_each(|p| p.grad = None);
+    model.params.zero_grad();
     tape.backward(l, &mut model.params)?;
-    for (p, &layout) in model.params.iter().zip(&model.layouts) {
-        let g = p.grad.clone().unwrap_or_else(|| Array::zeros(&p.value.shape));
+    for (id, (p, &layout)) in model.params.iter().zip(&model.layouts).enumerate() {
+        let g = match model.params.grad(id) {
+            Some(g) => Array::new(&p.value.shape, g.to_vec())?,
+            None => Array::zeros(&p.value.shape),
+        };
         let (shape, data) = to_torch(layout, &g);
         out.push((format!("grad.{}", p.name), Tensor::from_f32(&shape, data)?));
     }

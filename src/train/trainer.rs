@@ -161,8 +161,15 @@ pub fn evaluate(
         let b = batch.labels.len();
         let mut tape = Tape::inference();
         let x = tape.constant(Array::new(&[b, batch.size, batch.size, 3], batch.images)?);
-        let mut ctx =
-            Ctx { train: false, dropout: false, stochastic_depth: false, frozen_bn_eval: true, rng: &mut rng };
+        let mut ctx = Ctx {
+            train: false,
+            dropout: false,
+            stochastic_depth: false,
+            frozen_bn_eval: true,
+            rng: &mut rng,
+            counter_masks: None,
+            masks_drawn: 0,
+        };
         let logits = model.forward(&mut tape, x, &mut ctx)?;
         let l = loss::loss(&mut tape, logits, &batch.labels, alpha, kind)?;
         loss_sum += tape.value(l).data[0] as f64 * b as f64;
@@ -349,6 +356,8 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
                 stochastic_depth: true,
                 frozen_bn_eval: cfg.bn_frozen_mode == BnFrozenMode::FrozenEval,
                 rng: &mut rng,
+                counter_masks: None,
+                masks_drawn: 0,
             };
             let logits = model.forward(&mut tape, x, &mut ctx)?;
             let l = loss::loss(&mut tape, logits, &batch.labels, Some(&alpha), &kind)?;
@@ -362,22 +371,20 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
             tape.backward(l, &mut model.params)?;
             drop(tape);
             let found_inf = {
-                let mut grads: Vec<&mut [f32]> =
-                    model.params.iter_mut().filter_map(|p| p.grad.as_mut().map(|g| g.data.as_mut_slice())).collect();
+                let mut grads: Vec<&mut [f32]> = model.params.grads_mut().map(|(_, g)| g).collect();
                 state.scaler.unscale_and_check(&mut grads)
             };
             if !found_inf {
-                for p in model.params.iter_mut() {
-                    let Some(g) = p.grad.take() else { continue };
+                for (p, g) in model.params.params_and_grads_mut() {
                     let plr = if p.name.starts_with("classifier.") { lr } else { backbone_lr };
-                    adamw.step_one(&p.name, &mut p.value.data, &g.data, plr)?;
+                    adamw.step_one(&p.name, &mut Arc::make_mut(&mut p.value).data, g, plr)?;
                     if p.value.data.iter().any(|v| !v.is_finite()) {
                         let what = format!("the update made parameter {} non-finite", p.name);
                         return Err(diverged(&what, epoch, step, steps_per_epoch, lr));
                     }
                 }
             }
-            model.params.iter_mut().for_each(|p| p.grad = None);
+            model.params.zero_grad();
             state.scaler.update(found_inf);
             state.progress.step = step + 1;
             state.progress.loss_sum += lv as f64 * b as f64;

@@ -1,17 +1,8 @@
 //! SiLU, sigmoid and ReLU: elementwise, forward and backward.
 
-use crate::autograd::{Backward, BackwardCtx, Tape, Var};
-use crate::tensor::{Array, Float};
-use anyhow::Result;
+use super::Act;
+use crate::tensor::Float;
 use rayon::prelude::*;
-
-/// The activations derma's models use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Act {
-    Silu,
-    Sigmoid,
-    Relu,
-}
 
 /// σ(x). The exponential is [`Float::exp_act`]: exact in f64, a vectorizable polynomial in f32.
 #[inline(always)]
@@ -106,38 +97,4 @@ pub fn backward<T: Float>(act: Act, x: &[T], dy: &[T], dx: &mut [T]) {
         dx.copy_from_slice(x);
         act.grad_in_place(dx, dy);
     });
-}
-
-struct ActBackward(Act);
-
-impl<T: Float> Backward<T> for ActBackward {
-    fn name(&self) -> &'static str {
-        self.0.name()
-    }
-    fn backward(&self, ctx: &BackwardCtx<'_, T>, g: &Array<T>) -> Result<Vec<Option<Array<T>>>> {
-        let x = ctx.inputs[0];
-        let mut dx = Array::zeros(&x.shape);
-        backward(self.0, &x.data, &g.data, &mut dx.data);
-        Ok(vec![Some(dx)])
-    }
-}
-
-/// Records `f(x)` on the tape.
-pub fn activate<T: Float>(tape: &mut Tape<T>, act: Act, x: Var) -> Var {
-    let xv = tape.value(x);
-    let mut y = Array::zeros(&xv.shape);
-    forward(act, &xv.data, &mut y.data);
-    tape.push_op(&[x], y, Box::new(ActBackward(act)))
-}
-
-pub fn silu<T: Float>(tape: &mut Tape<T>, x: Var) -> Var {
-    activate(tape, Act::Silu, x)
-}
-
-pub fn sigmoid<T: Float>(tape: &mut Tape<T>, x: Var) -> Var {
-    activate(tape, Act::Sigmoid, x)
-}
-
-pub fn relu<T: Float>(tape: &mut Tape<T>, x: Var) -> Var {
-    activate(tape, Act::Relu, x)
 }

@@ -5,8 +5,8 @@
 //! inside), `ptᵢ = exp(−ceᵢ)`, `loss = mean((1 − ptᵢ)^γ · ceᵢ)` — note that `pt` includes the class weight.
 //! Everything is computed in f64.
 
-use crate::autograd::{Backward, BackwardCtx, Tape, Var};
-use crate::tensor::{Array, Float};
+use super::LossKind;
+use crate::tensor::Float;
 use anyhow::{Result, bail};
 
 /// Row-wise log-softmax of `[N, C]`, in f64.
@@ -20,15 +20,6 @@ pub fn log_softmax_rows<T: Float>(x: &[T], c: usize) -> Vec<f64> {
         out.extend(row.iter().map(|v| v.as_f64() - lse));
     }
     out
-}
-
-/// Which loss, and its constants.
-#[derive(Clone, Debug, PartialEq)]
-pub enum LossKind {
-    /// Weighted cross-entropy, mean over the weights.
-    CrossEntropy,
-    /// The seed's focal loss with focusing parameter γ.
-    Focal { gamma: f64 },
 }
 
 /// Reference loss and its gradient with respect to the logits.
@@ -92,71 +83,6 @@ pub fn forward_backward<T: Float>(
         }
     };
     Ok((loss, grad))
-}
-
-struct LossBackward {
-    grad: Vec<f64>,
-}
-
-impl<T: Float> Backward<T> for LossBackward {
-    fn name(&self) -> &'static str {
-        "loss"
-    }
-    fn backward(&self, ctx: &BackwardCtx<'_, T>, dy: &Array<T>) -> Result<Vec<Option<Array<T>>>> {
-        let s = dy.data[0].as_f64();
-        let data = self.grad.iter().map(|&g| T::of_f64(g * s)).collect();
-        let mut out = vec![Some(Array::new(&ctx.inputs[0].shape, data)?)];
-        out.extend((1..ctx.inputs.len()).map(|_| None));
-        Ok(out)
-    }
-}
-
-/// Records a loss of `logits` `[N, C]` against `targets`, a scalar. Class weights, when given, are constants.
-pub fn loss<T: Float>(
-    tape: &mut Tape<T>,
-    logits: Var,
-    targets: &[usize],
-    weights: Option<&[T]>,
-    kind: &LossKind,
-) -> Result<Var> {
-    let s = tape.shape(logits).to_vec();
-    super::expect_rank("loss", "logits", &s, 2)?;
-    if s[0] != targets.len() {
-        bail!("loss: {} targets for {} rows of logits", targets.len(), s[0]);
-    }
-    let (l, grad) = forward_backward(&tape.value(logits).data, s[1], targets, weights, kind)?;
-    Ok(tape.push_op(&[logits], Array::scalar(T::of_f64(l)), Box::new(LossBackward { grad })))
-}
-
-struct LogSoftmaxBackward {
-    c: usize,
-}
-
-impl<T: Float> Backward<T> for LogSoftmaxBackward {
-    fn name(&self) -> &'static str {
-        "log_softmax"
-    }
-    fn backward(&self, ctx: &BackwardCtx<'_, T>, dy: &Array<T>) -> Result<Vec<Option<Array<T>>>> {
-        // dx = dy − softmax · Σ dy, with softmax = exp(output).
-        let mut dx = Array::zeros(&dy.shape);
-        for ((dxr, dyr), yr) in
-            dx.data.chunks_mut(self.c).zip(dy.data.chunks(self.c)).zip(ctx.output.data.chunks(self.c))
-        {
-            let s: f64 = dyr.iter().map(|v| v.as_f64()).sum();
-            for j in 0..self.c {
-                dxr[j] = T::of_f64(dyr[j].as_f64() - yr[j].as_f64().exp() * s);
-            }
-        }
-        Ok(vec![Some(dx)])
-    }
-}
-
-/// Records row-wise log-softmax of `[N, C]`.
-pub fn log_softmax<T: Float>(tape: &mut Tape<T>, x: Var) -> Result<Var> {
-    let s = tape.shape(x).to_vec();
-    super::expect_rank("log_softmax", "input", &s, 2)?;
-    let y: Vec<T> = log_softmax_rows(&tape.value(x).data, s[1]).into_iter().map(T::of_f64).collect();
-    Ok(tape.push_op(&[x], Array::new(&s, y)?, Box::new(LogSoftmaxBackward { c: s[1] })))
 }
 
 /// Softmax probabilities of `[N, C]` logits (for metrics and prediction).

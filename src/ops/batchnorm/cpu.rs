@@ -6,48 +6,11 @@
 //! with the running statistics. Sums are accumulated in f64 and the variance is computed in a second pass
 //! around the mean, so the reference stays accurate for the 400k-row channels of a batch-32 stem.
 
-use super::activation::Act;
-use crate::autograd::{Backward, BackwardCtx, Tape, Var};
-use crate::tensor::{Array, Float};
+use super::{BnCfg, BnMode, BnState};
+use crate::ops::activation::Act;
+use crate::tensor::Float;
 use anyhow::{Result, bail};
 use rayon::prelude::*;
-
-/// Running statistics of one batch-norm layer (the layer's buffers).
-#[derive(Clone, Debug, PartialEq)]
-pub struct BnState<T> {
-    pub running_mean: Vec<T>,
-    pub running_var: Vec<T>,
-    pub num_batches_tracked: i64,
-}
-
-impl<T: Float> BnState<T> {
-    /// PyTorch's initial buffers: mean 0, variance 1.
-    pub fn new(c: usize) -> Self {
-        Self { running_mean: vec![T::zero(); c], running_var: vec![T::one(); c], num_batches_tracked: 0 }
-    }
-}
-
-/// Which statistics normalize.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BnMode {
-    /// Batch statistics; the running statistics are updated only when `update_running`.
-    Train { update_running: bool },
-    /// Running statistics.
-    Eval,
-}
-
-/// Constants of a batch-norm layer.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct BnCfg {
-    pub eps: f64,
-    pub momentum: f64,
-}
-
-impl Default for BnCfg {
-    fn default() -> Self {
-        Self { eps: 1e-5, momentum: 0.1 }
-    }
-}
 
 const ROWS_PER_TASK: usize = 512;
 
@@ -237,83 +200,4 @@ pub fn backward<T: Float>(
             }
         });
     }
-}
-
-struct BnBackward {
-    c: usize,
-    mean: Vec<f64>,
-    invstd: Vec<f64>,
-    train: bool,
-    act: Option<Act>,
-}
-
-impl<T: Float> Backward<T> for BnBackward {
-    fn name(&self) -> &'static str {
-        match self.act {
-            None => "batch_norm",
-            Some(Act::Silu) => "batch_norm_silu",
-            Some(Act::Relu) => "batch_norm_relu",
-            Some(Act::Sigmoid) => "batch_norm_sigmoid",
-        }
-    }
-    fn backward(&self, ctx: &BackwardCtx<'_, T>, dy: &Array<T>) -> Result<Vec<Option<Array<T>>>> {
-        let (x, gamma, beta) = (ctx.inputs[0], ctx.inputs[1], ctx.inputs[2]);
-        let mut dx = ctx.needs[0].then(|| Array::zeros(&x.shape));
-        let mut dg = ctx.needs[1].then(|| Array::zeros(&gamma.shape));
-        let mut db = ctx.needs[2].then(|| Array::zeros(&beta.shape));
-        backward(
-            &x.data,
-            self.c,
-            &gamma.data,
-            &beta.data,
-            &self.mean,
-            &self.invstd,
-            self.train,
-            self.act,
-            &dy.data,
-            dx.as_mut().map(|a| a.data.as_mut_slice()),
-            dg.as_mut().map(|a| a.data.as_mut_slice()),
-            db.as_mut().map(|a| a.data.as_mut_slice()),
-        );
-        Ok(vec![dx, dg, db])
-    }
-}
-
-/// Records batch norm over the last dimension of `x`, followed by `act` when given (one fused node).
-#[allow(clippy::too_many_arguments)]
-pub fn batch_norm<T: Float>(
-    tape: &mut Tape<T>,
-    x: Var,
-    gamma: Var,
-    beta: Var,
-    state: &mut BnState<T>,
-    mode: BnMode,
-    cfg: BnCfg,
-    act: Option<Act>,
-) -> Result<Var> {
-    let shape = tape.shape(x).to_vec();
-    let Some(&c) = shape.last() else { bail!("batch norm: input is a scalar") };
-    if tape.shape(gamma) != [c] || tape.shape(beta) != [c] || state.running_mean.len() != c {
-        bail!(
-            "batch norm: input {:?} has {c} channels but weight {:?}, bias {:?}, running stats [{}]",
-            shape,
-            tape.shape(gamma),
-            tape.shape(beta),
-            state.running_mean.len()
-        );
-    }
-    let mut y = Array::zeros(&shape);
-    let (mean, invstd) = forward(
-        &tape.value(x).data,
-        c,
-        &tape.value(gamma).data,
-        &tape.value(beta).data,
-        state,
-        mode,
-        cfg,
-        act,
-        &mut y.data,
-    )?;
-    let train = matches!(mode, BnMode::Train { .. });
-    Ok(tape.push_op(&[x, gamma, beta], y, Box::new(BnBackward { c, mean, invstd, train, act })))
 }

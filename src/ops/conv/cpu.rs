@@ -8,83 +8,10 @@
 //!
 //! Backward computes the input gradient and, only when the weight needs one, the weight and bias gradients.
 
-use super::gemm::gemm;
-use crate::autograd::{Backward, BackwardCtx, Tape, Var};
-use crate::tensor::{Array, Float};
-use anyhow::{Result, bail};
+use super::ConvGeom;
+use crate::ops::gemm::gemm;
+use crate::tensor::Float;
 use rayon::prelude::*;
-
-/// Hyper-parameters of a convolution (square stride and padding, as EfficientNet uses).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvCfg {
-    pub stride: usize,
-    pub pad: usize,
-    pub groups: usize,
-}
-
-/// All sizes of one convolution call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvGeom {
-    pub n: usize,
-    pub h: usize,
-    pub w: usize,
-    pub cin: usize,
-    pub cout: usize,
-    pub kh: usize,
-    pub kw: usize,
-    pub stride: usize,
-    pub pad: usize,
-    pub groups: usize,
-    pub oh: usize,
-    pub ow: usize,
-}
-
-impl ConvGeom {
-    /// Validates an input shape `[N,H,W,Cin]` and a weight shape `[Cout,KH,KW,Cin/groups]`.
-    pub fn new(x: &[usize], wt: &[usize], cfg: ConvCfg) -> Result<Self> {
-        super::expect_rank("conv2d", "input", x, 4)?;
-        super::expect_rank("conv2d", "weight", wt, 4)?;
-        let (n, h, w, cin) = (x[0], x[1], x[2], x[3]);
-        let (cout, kh, kw, cg) = (wt[0], wt[1], wt[2], wt[3]);
-        let g = cfg.groups;
-        if g == 0 || cin % g != 0 || cout % g != 0 || cg != cin / g {
-            bail!("conv2d: input {x:?} and weight {wt:?} do not fit groups={g} (weight is [out, kh, kw, in/groups])");
-        }
-        if cfg.stride == 0 {
-            bail!("conv2d: stride must be positive");
-        }
-        if h + 2 * cfg.pad < kh || w + 2 * cfg.pad < kw {
-            bail!("conv2d: input {h}×{w} with padding {} is smaller than the {kh}×{kw} kernel", cfg.pad);
-        }
-        let oh = (h + 2 * cfg.pad - kh) / cfg.stride + 1;
-        let ow = (w + 2 * cfg.pad - kw) / cfg.stride + 1;
-        Ok(Self { n, h, w, cin, cout, kh, kw, stride: cfg.stride, pad: cfg.pad, groups: g, oh, ow })
-    }
-
-    pub fn is_pointwise(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0 && self.groups == 1
-    }
-
-    pub fn is_depthwise(&self) -> bool {
-        self.groups == self.cin && self.cin == self.cout && self.groups > 1
-    }
-
-    pub fn out_shape(&self) -> [usize; 4] {
-        [self.n, self.oh, self.ow, self.cout]
-    }
-
-    /// Input row/column for an output position and a kernel tap, `None` in the zero padding.
-    #[inline]
-    fn src(&self, o: usize, k: usize, size: usize) -> Option<usize> {
-        let i = (o * self.stride + k) as isize - self.pad as isize;
-        (i >= 0 && (i as usize) < size).then_some(i as usize)
-    }
-
-    /// Multiply-adds of the forward pass.
-    pub fn macs(&self) -> usize {
-        self.n * self.oh * self.ow * self.cout * self.kh * self.kw * (self.cin / self.groups)
-    }
-}
 
 /// Reference forward. `wt` is OHWI, `bias` has `cout` entries.
 pub fn forward<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>, y: &mut [T]) {
@@ -333,52 +260,4 @@ pub fn backward_bias<T: Float>(cout: usize, dy: &[T], db: &mut [T]) {
     for row in dy.chunks(cout) {
         db.iter_mut().zip(row).for_each(|(a, &b)| *a += b);
     }
-}
-
-struct ConvBackward {
-    geom: ConvGeom,
-}
-
-impl<T: Float> Backward<T> for ConvBackward {
-    fn name(&self) -> &'static str {
-        "conv2d"
-    }
-    fn backward(&self, ctx: &BackwardCtx<'_, T>, dy: &Array<T>) -> Result<Vec<Option<Array<T>>>> {
-        let g = &self.geom;
-        let (x, wt) = (ctx.inputs[0], ctx.inputs[1]);
-        let dx = ctx.needs[0].then(|| {
-            let mut dx = Array::zeros(&x.shape);
-            backward_data(g, &dy.data, &wt.data, &mut dx.data);
-            dx
-        });
-        let dw = ctx.needs[1].then(|| {
-            let mut dw = Array::zeros(&wt.shape);
-            backward_weight(g, &x.data, &dy.data, &mut dw.data);
-            dw
-        });
-        let mut out = vec![dx, dw];
-        if ctx.inputs.len() == 3 {
-            out.push(ctx.needs[2].then(|| {
-                let mut db = Array::zeros(&[g.cout]);
-                backward_bias(g.cout, &dy.data, &mut db.data);
-                db
-            }));
-        }
-        Ok(out)
-    }
-}
-
-/// Records a convolution of `x` `[N,H,W,Cin]` with `w` `[Cout,KH,KW,Cin/groups]` and an optional bias `[Cout]`.
-pub fn conv2d<T: Float>(tape: &mut Tape<T>, x: Var, w: Var, bias: Option<Var>, cfg: ConvCfg) -> Result<Var> {
-    let geom = ConvGeom::new(tape.shape(x), tape.shape(w), cfg)?;
-    if let Some(b) = bias
-        && tape.shape(b) != [geom.cout]
-    {
-        bail!("conv2d: bias shape {:?}, expected [{}]", tape.shape(b), geom.cout);
-    }
-    let mut y = Array::zeros(&geom.out_shape());
-    forward(&geom, &tape.value(x).data, &tape.value(w).data, bias.map(|b| tape.value(b).data.as_slice()), &mut y.data);
-    let mut inputs = vec![x, w];
-    inputs.extend(bias);
-    Ok(tape.push_op(&inputs, y, Box::new(ConvBackward { geom })))
 }
