@@ -9,11 +9,14 @@
 use anyhow::Result;
 use criterion::{Criterion, Throughput};
 use derma::cuda::alloc::Block;
-use derma::cuda::check::{Store, device_for_check};
-use derma::cuda::kernels::{
-    AdamParams, BnParams, DevSlice, DwParams, LossParams, Unary, bn_workspace_bytes, dw_weight_workspace_bytes,
-};
+use derma::cuda::kernels::DevSlice;
 use derma::cuda::{DeviceRequest, Gpu, probe};
+use derma::ops::activation::Unary;
+use derma::ops::batchnorm::{BnParams, bn_workspace_bytes};
+use derma::ops::depthwise::{DwParams, dw_weight_workspace_bytes};
+use derma::ops::loss::LossParams;
+use derma::tools::check::{Store, device_for_check};
+use derma::train::adamw::AdamParams;
 use half::f16;
 
 fn s(b: &Block) -> DevSlice<'_> {

@@ -52,7 +52,7 @@ enum Command {
     /// Every CUDA kernel, the cuBLASLt GEMM and the cuDNN conv against the CPU reference (f32 and f16, forward and
     /// backward, fresh random inputs) on a GPU or, with --device emu, on the emulated device; exits non-zero on any
     /// mismatch or without a usable device.
-    Check(derma::cuda::check::CheckArgs),
+    Check(derma::tools::check::CheckArgs),
 }
 
 #[derive(Subcommand)]
@@ -184,7 +184,7 @@ fn main() {
         Command::Eval(a) => cli::eval::run_eval(a),
         Command::Predict(a) => cli::predict::run_predict(a),
         Command::Bench(c) => cli::bench::run_bench(c),
-        Command::Check(a) => derma::cuda::check::run(&a),
+        Command::Check(a) => derma::tools::check::run(&a),
         Command::Weights(c) => cli::weights::run_weights(c),
     };
     if let Err(e) = result {

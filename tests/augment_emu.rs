@@ -5,13 +5,13 @@
 
 use std::sync::Arc;
 
-use derma::cuda::augment::{AugShape, AugmentBatch, augment, partials_bytes};
-use derma::cuda::check::{Family, check_family, device_for_check, render_table};
 use derma::cuda::kernels::DevSlice;
 use derma::cuda::{DeviceRequest, Gpu, Schedule, probe};
+use derma::data::augment::cuda::{AugShape, AugmentBatch, augment, partials_bytes};
 use derma::data::augment::{self, AugConfig, AugParams};
 use derma::data::device::{DeviceDataset, DeviceLoader, EpochPlan, Residency, UploadOptions};
 use derma::data::loader::{Batch, Loader, LoaderConfig, VecSource};
+use derma::tools::check::{Family, check_family, device_for_check, render_table};
 use half::f16;
 
 fn fresh_seed() -> u64 {

@@ -7,8 +7,8 @@
 //! other, and the first CUDA GPU when one is usable.
 
 use derma::cuda::alloc::Block;
-use derma::cuda::check::{Family, check_family, device_for_check, render_table};
 use derma::cuda::{DeviceRequest, Gpu, Schedule, probe};
+use derma::tools::check::{Family, check_family, device_for_check, render_table};
 
 /// The thread schedules the emulated device runs every test under.
 const SCHEDULES: [Schedule; 2] = [Schedule::WarpReverse, Schedule::Random];
@@ -108,7 +108,8 @@ fn cuda_cudnn_conv() {
 
 #[test]
 fn cuda_too_short_buffers_are_refused_before_launch() {
-    use derma::cuda::kernels::{DevSlice, Unary};
+    use derma::cuda::kernels::DevSlice;
+    use derma::ops::activation::Unary;
     on_every_device("cuda_too_short_buffers_are_refused_before_launch", |g, device, _| {
         let (x, y) = (g.upload(&[1.0f32; 10]).unwrap(), g.upload(&[0.0f32; 10]).unwrap());
         // Blocks are rounded up to a size class: ask for more than the class holds.
@@ -161,7 +162,8 @@ fn cuda_copies_round_trip() {
 
 #[test]
 fn cuda_restrict_kernels_refuse_in_place_calls() {
-    use derma::cuda::kernels::{DevSlice, Unary};
+    use derma::cuda::kernels::DevSlice;
+    use derma::ops::activation::Unary;
     on_every_device("cuda_restrict_kernels_refuse_in_place_calls", |g, device, _| {
         let host: Vec<f32> = (0..64).map(|i| i as f32 - 20.0).collect();
         let a = g.upload(&host).unwrap();

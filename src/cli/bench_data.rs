@@ -3,9 +3,9 @@
 
 use anyhow::{Result, bail};
 use clap::Args;
-use derma::cuda::augment::{AugShape, AugmentBatch, augment, partials_bytes};
 use derma::cuda::kernels::{DevSlice, Elem};
 use derma::cuda::{DeviceRequest, Gpu, Selected, parse_device, select};
+use derma::data::augment::cuda::{AugShape, AugmentBatch, augment, partials_bytes};
 use derma::data::augment::{self, AugConfig, AugParams};
 use serde::Serialize;
 use std::time::Instant;

@@ -8,9 +8,7 @@
 //! cudarc call, because cudarc panics when a library it needs is missing.
 
 pub mod alloc;
-pub mod augment;
 pub mod blas;
-pub mod check;
 pub mod cli;
 pub mod device;
 pub mod dnn;

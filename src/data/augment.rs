@@ -573,5 +573,7 @@ pub fn apply(src: &[u8], size: u32, out_size: u32, p: &AugParams, out: &mut [f32
     Ok(())
 }
 
+pub mod cuda;
+
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,6 @@
 //! Training data on a CUDA device (or the emulated one): the decoded u8 dataset uploaded once, the epoch's plan
 //! (order and every sample's [`AugParams`]) uploaded once per epoch into fixed buffers, and the fused augmentation
-//! kernel ([`crate::cuda::augment`]) turning a batch of plan positions into the normalized f32 or f16 NHWC batch.
+//! kernel ([`crate::data::augment::cuda`]) turning a batch of plan positions into the normalized f32 or f16 NHWC batch.
 //!
 //! - **Upload once** ([`DeviceDataset::upload`]): the images `[N, S, S, 3]` u8 and the labels go to the device in
 //!   chunks through a staging buffer (page-locked on a GPU, so each chunk is one DMA), with a progress bar. A
@@ -22,9 +22,9 @@ use super::augment::AugParams;
 use super::loader::{ImageSource, Loader};
 use crate::cuda::Gpu;
 use crate::cuda::alloc::Block;
-use crate::cuda::augment::{AugShape, AugmentBatch, augment, partials_bytes};
 use crate::cuda::device::Stream;
 use crate::cuda::kernels::{DevSlice, Elem};
+use crate::data::augment::cuda::{AugShape, AugmentBatch, augment, partials_bytes};
 
 /// The order and augmentation parameters of one training epoch, as the CPU loader uses them.
 #[derive(Clone, Debug, PartialEq)]

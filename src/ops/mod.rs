@@ -1,5 +1,7 @@
-//! Ops, one module per family. Each holds its CPU reference forward and backward as plain loops over slices
-//! (parallel over batch or channels with rayon), and a tape wrapper that records the op for autograd.
+//! Ops, one folder per family: the tape node and its backward (`mod.rs`, generic over the backend), the CPU
+//! reference forward and backward as plain loops over slices (`cpu.rs`, parallel over batch or channels with
+//! rayon), the CUDA launches of the family's kernels (`cuda.rs`, beside `kernels/<family>.cu`) and their check
+//! against the reference (`check.rs`, run by `derma check`).
 //!
 //! Layout conventions: image-shaped tensors are NHWC; convolution weights are OHWI (`[out, kh, kw, in/groups]`);
 //! linear weights are `[out, in]` as in PyTorch. Batch norm works on the last dimension, so one op serves
@@ -8,6 +10,7 @@
 pub mod activation;
 pub mod batchnorm;
 pub mod conv;
+pub mod depthwise;
 pub mod dropout;
 pub mod elementwise;
 pub mod gemm;

@@ -1,7 +1,9 @@
 //! SiLU, sigmoid and ReLU: elementwise, forward and backward.
 
 mod cpu;
+pub mod cuda;
 pub use cpu::*;
+pub use cuda::Unary;
 
 use crate::autograd::{Backward, BackwardCtx, Tape, Var};
 use crate::backend::Backend;

@@ -1,8 +1,11 @@
 //! Batch normalization over the last dimension (BatchNorm2d on NHWC, BatchNorm1d on `[N, C]`), optionally fused
 //! with an activation into one tape node; the reference is in `cpu.rs`.
 
+pub mod check;
 mod cpu;
+pub mod cuda;
 pub use cpu::*;
+pub use cuda::{BnParams, bn_workspace_bytes};
 
 use super::activation::Act;
 use crate::autograd::{Backward, BackwardCtx, Tape, Var};

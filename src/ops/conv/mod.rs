@@ -1,5 +1,6 @@
 //! 2-D convolution in NHWC with OHWI weights: stride, zero padding and groups; the reference is in `cpu.rs`.
 
+pub mod check;
 mod cpu;
 pub use cpu::*;
 

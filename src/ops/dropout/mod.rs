@@ -4,7 +4,9 @@
 //! `stochastic_depth(mode="row")` do. The backend draws the mask from a [`MaskSource`] (the host generator, or the
 //! counter rule the device kernels use); the op multiplies by it, forward and backward.
 
+pub mod check;
 mod cpu;
+pub mod cuda;
 pub use cpu::*;
 
 use crate::autograd::{Backward, BackwardCtx, Tape, Var};

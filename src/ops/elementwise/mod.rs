@@ -1,6 +1,8 @@
 //! Residual add.
 
+pub mod check;
 mod cpu;
+pub mod cuda;
 pub use cpu::*;
 
 use crate::autograd::{Backward, BackwardCtx, Tape, Var};

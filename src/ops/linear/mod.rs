@@ -1,6 +1,8 @@
 //! Linear layer: `y[N,O] = x[N,I] · Wᵀ + b`, W stored `[O, I]` as PyTorch.
 
+pub mod check;
 mod cpu;
+pub mod cuda;
 pub use cpu::*;
 
 use crate::autograd::{Backward, BackwardCtx, Tape, Var};

@@ -1,8 +1,11 @@
 //! Log-softmax, weighted cross-entropy and the seed's focal loss, on logits `[N, C]`; the reference (and the exact
 //! formulas) in `cpu.rs`.
 
+pub mod check;
 mod cpu;
+pub mod cuda;
 pub use cpu::*;
+pub use cuda::LossParams;
 
 use crate::autograd::{Backward, BackwardCtx, Tape, Var};
 use crate::backend::Backend;

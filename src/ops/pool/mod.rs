@@ -1,6 +1,7 @@
 //! Global average pooling `[N,H,W,C]` → `[N,C]`.
 
 mod cpu;
+pub mod cuda;
 pub use cpu::*;
 
 use crate::autograd::{Backward, BackwardCtx, Tape, Var};

@@ -1,6 +1,8 @@
 //! Per-(sample, channel) scaling, the last step of squeeze-excite: `y[n,h,w,c] = x[n,h,w,c] · s[n,c]`.
 
+pub mod check;
 mod cpu;
+pub mod cuda;
 pub use cpu::*;
 
 use crate::autograd::{Backward, BackwardCtx, Tape, Var};

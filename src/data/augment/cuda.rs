@@ -10,12 +10,12 @@ use anyhow::{Context, Result, ensure};
 use cudarc::driver::LaunchConfig;
 use half::f16;
 
-use super::Gpu;
-use super::alloc::Block;
-use super::check::{CANARY, CheckResult, Dtype, FENCE, Family};
-use super::device::Stream;
-use super::kernels::{DevSlice, Elem, KernelArg, Kernels, Launch};
+use crate::cuda::Gpu;
+use crate::cuda::alloc::Block;
+use crate::cuda::device::Stream;
+use crate::cuda::kernels::{DevSlice, Elem, KernelArg, Kernels, Launch};
 use crate::data::augment::{self, AugConfig, AugParams};
+use crate::tools::check::{CANARY, CheckResult, Dtype, FENCE, Family};
 
 /// Mirror of `AugShape` in kernels/augment.cu.
 #[repr(C)]

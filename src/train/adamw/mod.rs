@@ -21,6 +21,10 @@
 //! group gets `base_lr × unfreezing multiplier`, the head group the full `base_lr`); see
 //! [`crate::train::unfreeze::Stage::backbone_lr`].
 
+pub mod check;
+pub mod cuda;
+pub use cuda::AdamParams;
+
 use std::collections::BTreeMap;
 
 use anyhow::{Result, bail};

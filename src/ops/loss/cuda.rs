@@ -1,0 +1,101 @@
+//! CUDA launches of this family: softmax + weighted cross-entropy / focal loss, forward and backward in one launch (kernels/loss.cu).
+//!
+//! Typed wrappers on [`Kernels`]: every length is checked against the shape before the launch, and outputs may not
+//! alias inputs (the kernels take `__restrict__` pointers).
+
+use crate::cuda::device::Stream;
+use crate::cuda::kernels::{DevSlice, Elem, KernelArg, Kernels, Launch, THREADS, no_alias, opt_checked, span};
+use anyhow::Result;
+use cudarc::driver::{DeviceRepr, LaunchConfig};
+
+/// Mirror of `LossParams` in kernels/loss.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LossParams {
+    /// Batch.
+    pub b: i32,
+    /// Classes.
+    pub k: i32,
+    /// 0: weighted cross-entropy, 1: focal.
+    pub focal: i32,
+    /// Focal exponent.
+    pub gamma: f32,
+    /// Multiplies dlogits (e.g. the loss scale); 0 skips the gradient.
+    pub grad_scale: f32,
+    /// Padding to a multiple of 8 bytes.
+    pub pad_: i32,
+}
+
+// SAFETY: a plain #[repr(C)] struct of integers and floats, laid out exactly like its .cu mirror (pinned by a
+// layout test below).
+unsafe impl DeviceRepr for LossParams {}
+// SAFETY: as above: the kernel reads it as one parameter of that C layout.
+unsafe impl KernelArg for LossParams {}
+
+impl Kernels {
+    /// Softmax + weighted CE or focal loss over logits [B, K] with i32 targets: writes the mean loss (1 f32),
+    /// dlogits (unless `p.grad_scale == 0`), probabilities (when given), and `bad_target` (1 i32: 0, or the
+    /// 1-based row of the first target outside [0, K); written once by the kernel, so it needs no initial value).
+    #[allow(clippy::too_many_arguments)]
+    pub fn softmax_loss<T: Elem>(
+        &self,
+        s: &Stream,
+        p: &LossParams,
+        loss: DevSlice,
+        dlogits: DevSlice,
+        probs: Option<DevSlice>,
+        bad_target: DevSlice,
+        logits: DevSlice,
+        targets: DevSlice,
+        alpha: Option<DevSlice>,
+    ) -> Result<()> {
+        let (b, k) = (p.b as usize, p.k as usize);
+        let loss = loss.checked::<f32>(1, "loss out")?;
+        let dl = dlogits.checked::<T>(b * k, "dlogits")?;
+        let probs = opt_checked::<f32>(probs, b * k, "probs")?;
+        let bad = bad_target.checked::<i32>(1, "bad_target")?;
+        let logits = logits.checked::<T>(b * k, "logits")?;
+        let targets = targets.checked::<i32>(b, "targets")?;
+        let alpha = opt_checked::<f32>(alpha, k, "class weights")?;
+        let f = self.entry("loss", &format!("softmax_loss_{}", T::SUFFIX))?;
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        no_alias(
+            "softmax_loss",
+            &[
+                span::<f32>("loss", loss, 1),
+                span::<T>("dlogits", dl, b * k),
+                span::<f32>("probs", probs, b * k),
+                span::<i32>("bad_target", bad, 1),
+            ],
+            &[
+                span::<T>("logits", logits, b * k),
+                span::<i32>("targets", targets, b),
+                span::<f32>("class weights", alpha, k),
+            ],
+        )?;
+        // SAFETY: shapes checked above; null probs / alpha are handled by the kernel.
+        unsafe {
+            Launch::new(&f)
+                .arg(&loss)
+                .arg(&dl)
+                .arg(&probs)
+                .arg(&bad)
+                .arg(&logits)
+                .arg(&targets)
+                .arg(&alpha)
+                .arg(p)
+                .run(s, cfg)?
+        };
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_params_match_the_cu_layout() {
+        assert_eq!(size_of::<LossParams>(), 24);
+    }
+}
