@@ -202,6 +202,35 @@ impl Gpu {
         Ok(b)
     }
 
+    /// Sets `bytes` bytes of `block` from byte `offset` to `value`, on the device (no host buffer of that size):
+    /// e.g. 0xFF, a NaN in f32 and f16, to poison memory so a read of something never written shows.
+    pub fn fill(&self, block: &Block, offset: usize, bytes: usize, value: u8) -> Result<()> {
+        ensure!(
+            offset.checked_add(bytes).is_some_and(|e| e <= block.len_bytes()),
+            "fill of {bytes} bytes at offset {offset} of a {}-byte block",
+            block.len_bytes()
+        );
+        if bytes == 0 {
+            return Ok(());
+        }
+        let dst = block.addr() + offset as u64;
+        match &self.stream {
+            Stream::Cuda(s) => {
+                s.context().bind_to_thread().map_err(|e| anyhow!("{e:?}"))?;
+                // SAFETY: the block holds offset + bytes bytes (checked above); the memset is ordered on the legacy
+                // stream.
+                unsafe { cudarc::driver::result::memset_d8_sync(dst, value, bytes) }
+                    .map_err(|e| anyhow!("memset: {e:?}"))
+            }
+            Stream::Emulated => {
+                // SAFETY: emulated device addresses are host allocations; the block holds offset + bytes bytes
+                // (checked above).
+                unsafe { std::ptr::write_bytes(dst as *mut u8, value, bytes) };
+                Ok(())
+            }
+        }
+    }
+
     /// Waits for queued work, then copies the first `n` values of `block` to the host.
     pub fn download<T: DeviceRepr + Default + Clone>(&self, block: &Block, n: usize) -> Result<Vec<T>> {
         let mut out = vec![T::default(); n];

@@ -60,6 +60,16 @@ impl<'a> DevSlice<'a> {
         Ok(Self { addr: block.addr() + offset as u64, bytes, _block: PhantomData })
     }
 
+    /// A sub-range `[offset, offset + bytes)` of this slice; an error when it does not fit.
+    pub fn sub(&self, offset: usize, bytes: usize) -> Result<Self> {
+        ensure!(
+            offset.checked_add(bytes).is_some_and(|e| e <= self.bytes),
+            "device range {offset}+{bytes} bytes is outside its {}-byte slice",
+            self.bytes
+        );
+        Ok(Self { addr: self.addr + offset as u64, bytes, _block: PhantomData })
+    }
+
     /// The device address.
     pub fn addr(&self) -> u64 {
         self.addr

@@ -16,6 +16,7 @@ pub mod device;
 pub mod dnn;
 pub mod emu;
 pub mod kernels;
+pub mod program;
 
 pub use device::{Gpu, Schedule};
 
