@@ -7,10 +7,16 @@
 //! makes that mapping once, into the descriptor values both devices get: the real library on a GPU, the loops of
 //! [`super::emu::blaslt`] on the emulated device.
 //!
-//! Compute type: f16 storage uses `CUBLAS_COMPUTE_32F` (f32 accumulation, f16 rounding of the output only); f32
-//! storage uses `CUBLAS_COMPUTE_32F_FAST_TF32`, which lets the library round the inputs to TF32 on tensor cores
-//! (about 8× the f32 throughput on Ampere and later). The emulated device models that rounding on every input, so
-//! `derma check`'s tolerance for f32 GEMM (5e-3) is tested against the worst the real call may do.
+//! Types: A and B share one storage type, C and D another ([`Blas::gemm_into`]): f32·f32 → f32, f16·f16 → f16,
+//! and f16·f16 → f32 (the weight gradient of an f16 layer written, or with beta = 1 added, straight into its f32
+//! gradient slot). Those are the combinations cuBLASLt supports with f32 accumulation; f32 inputs with an f16
+//! output are refused here, as the library has no algorithm for them.
+//!
+//! Compute type: always strict `CUBLAS_COMPUTE_32F` (f32 products and accumulation; an f16 output is rounded
+//! once). Not `CUBLAS_COMPUTE_32F_FAST_TF32` for f32 storage: TF32 keeps 10 mantissa bits of each input, a
+//! relative error near 1e-3 per product, and the f32 path is held to the CPU reference at 1e-5 (the f16 path
+//! exists for speed). The emulated device computes exactly that, so `derma check` judges f32 GEMM as an f32
+//! reduction (1e-4), not as tensor-op math.
 //!
 //! Alignment: cuBLASLt assumes 256-byte aligned pointers unless told otherwise, and a [`DevSlice::range`] view can
 //! start anywhere. Every call sets `CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_{A,B,C,D}_BYTES` from the actual pointers
@@ -52,28 +58,25 @@ fn data_type<T: Elem>() -> sys::cudaDataType {
     if T::SUFFIX == "f16" { sys::cudaDataType::CUDA_R_16F } else { sys::cudaDataType::CUDA_R_32F }
 }
 
-/// The column-major descriptors of a row-major GEMM over `T` (see the module docs): cuBLASLt's A is our B and its
-/// B our A, its m our n.
-pub fn lt_call<T: Elem>(g: &Gemm) -> Call {
-    let dtype = data_type::<T>();
-    let compute = if dtype == sys::cudaDataType::CUDA_R_32F {
-        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
-    } else {
-        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
-    };
+/// The column-major descriptors of a row-major GEMM with inputs (A, B) of `A` and output (C, D) of `C` (see the
+/// module docs): cuBLASLt's A is our B and its B our A, its m our n. Strict f32 compute for every combination.
+pub fn lt_call<A: Elem, C: Elem>(g: &Gemm) -> Call {
+    let (in_type, out_type) = (data_type::<A>(), data_type::<C>());
+    // Strict f32, never FAST_TF32: the f32 path must match the CPU reference to 1e-5 (see the module docs).
+    let compute = sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
     let (m, n, k) = (g.m as u64, g.n as u64, g.k as u64);
     // Row-major B [K, N] (or [N, K] stored for trans_b) is column-major [N, K] (or [K, N]), leading dim its row length.
     let a = if g.trans_b {
-        Layout { dtype, rows: k, cols: n, ld: k as i64 }
+        Layout { dtype: in_type, rows: k, cols: n, ld: k as i64 }
     } else {
-        Layout { dtype, rows: n, cols: k, ld: n as i64 }
+        Layout { dtype: in_type, rows: n, cols: k, ld: n as i64 }
     };
     let b = if g.trans_a {
-        Layout { dtype, rows: m, cols: k, ld: m as i64 }
+        Layout { dtype: in_type, rows: m, cols: k, ld: m as i64 }
     } else {
-        Layout { dtype, rows: k, cols: m, ld: k as i64 }
+        Layout { dtype: in_type, rows: k, cols: m, ld: k as i64 }
     };
-    let c = Layout { dtype, rows: n, cols: m, ld: n as i64 };
+    let c = Layout { dtype: out_type, rows: n, cols: m, ld: n as i64 };
     Call {
         desc: MatmulDesc { compute, scale: sys::cudaDataType::CUDA_R_32F, trans_a: g.trans_b, trans_b: g.trans_a },
         a,
@@ -151,15 +154,36 @@ impl Blas {
         Ok(Self { backend: Backend::Cuda { handle, stream: stream.clone(), workspace } })
     }
 
-    /// C = alpha · op(A) · op(B) + beta · C, row-major, with T = f32 or f16 (f32 accumulation either way; C is not
-    /// read when beta is 0). Lengths are checked against the shape, and each pointer's alignment goes to the
-    /// heuristic.
+    /// C = alpha · op(A) · op(B) + beta · C, row-major, with A, B and C all of `T` = f32 or f16 (f32 accumulation
+    /// either way; C is not read when beta is 0). Lengths are checked against the shape, and each pointer's
+    /// alignment goes to the heuristic.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm<T: Elem>(&self, g: &Gemm, alpha: f32, a: DevSlice, b: DevSlice, beta: f32, c: DevSlice) -> Result<()> {
-        let es = size_of::<T>();
+        self.gemm_into::<T, T>(g, alpha, a, b, beta, c)
+    }
+
+    /// C = alpha · op(A) · op(B) + beta · C, row-major, with A and B of `A` and C of `C`: f32 → f32, f16 → f16, or
+    /// f16 → f32 (f32 accumulation always; beta = 1 adds into what C holds, beta = 0 never reads it, so it may
+    /// hold NaN). f32 inputs with an f16 output are refused (cuBLASLt has no algorithm for them). Lengths are
+    /// checked against the shape, and each pointer's alignment goes to the heuristic.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_into<A: Elem, C: Elem>(
+        &self,
+        g: &Gemm,
+        alpha: f32,
+        a: DevSlice,
+        b: DevSlice,
+        beta: f32,
+        c: DevSlice,
+    ) -> Result<()> {
+        let (ea, ec) = (size_of::<A>(), size_of::<C>());
         let (m, n, k) = (g.m, g.n, g.k);
+        ensure!(
+            !(A::SUFFIX == "f32" && C::SUFFIX == "f16"),
+            "GEMM with f32 inputs and an f16 output: cuBLASLt has none; write f32 and cast, or give f16 inputs"
+        );
         ensure!(m > 0 && n > 0 && k > 0, "GEMM with an empty dimension: [{m}, {k}] x [{k}, {n}]");
-        for (name, s, elems) in [("A", a, m * k), ("B", b, k * n), ("C", c, m * n)] {
+        for (name, s, elems, es) in [("A", a, m * k, ea), ("B", b, k * n, ea), ("C", c, m * n, ec)] {
             ensure!(
                 s.len_bytes() >= elems * es,
                 "GEMM operand {name}: {} bytes, the shape [{m}x{k}]x[{k}x{n}] needs {}",
@@ -172,10 +196,14 @@ impl Blas {
                 s.addr()
             );
         }
-        let call = lt_call::<T>(g);
+        let call = lt_call::<A, C>(g);
         // cuBLASLt's (A, B, C, D) are our (B, A, C, C).
         let ptrs = [b.addr(), a.addr(), c.addr(), c.addr()];
-        let shape = format!("[{m}x{k}]x[{k}x{n}] {}", T::SUFFIX);
+        let shape = if A::SUFFIX == C::SUFFIX {
+            format!("[{m}x{k}]x[{k}x{n}] {}", A::SUFFIX)
+        } else {
+            format!("[{m}x{k}]x[{k}x{n}] {} -> {}", A::SUFFIX, C::SUFFIX)
+        };
         match &self.backend {
             Backend::Emulated => {
                 let pref = Preference { max_workspace: 0, min_alignment: ptrs.map(alignment_of) };
@@ -306,8 +334,8 @@ mod tests {
                     let abs = |v: &[f64]| v.iter().map(|x| x.abs()).collect::<Vec<f64>>();
                     let mut bound = abs(&c0);
                     gemm(m, k, n, alpha.abs() as f64, &abs(&a), ta, &abs(&b), tb, beta.abs() as f64, &mut bound);
-                    // f16 values are exact in f16 and f32, and products of two are exact in f32: with the f32
-                    // path in TF32 (10 mantissa bits, as f16), both storage types see the same inputs.
+                    // f16 values are exact in f16 and f32, and products of two are exact in f32: every storage
+                    // combination sees the same inputs, and C starts from the same (f16-exact) values.
                     let h = |v: &[f64]| v.iter().map(|&x| f16::from_f64(x)).collect::<Vec<f16>>();
                     let s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
                     let (ba, bb) = (gpu.upload(&s(&a)).unwrap(), gpu.upload(&s(&b)).unwrap());
@@ -320,6 +348,18 @@ mod tests {
                     blas.gemm::<f16>(&spec, alpha, DevSlice::of(&ha), DevSlice::of(&hb), beta, DevSlice::of(&hc))
                         .unwrap();
                     let got16: Vec<f16> = gpu.download(&hc, m * n).unwrap();
+                    // f16 inputs, f32 output: the weight-gradient-into-its-slot case (beta = 1 accumulates).
+                    let mc = gpu.upload(&s(&c0)).unwrap();
+                    blas.gemm_into::<f16, f32>(
+                        &spec,
+                        alpha,
+                        DevSlice::of(&ha),
+                        DevSlice::of(&hb),
+                        beta,
+                        DevSlice::of(&mc),
+                    )
+                    .unwrap();
+                    let mixed: Vec<f32> = gpu.download(&mc, m * n).unwrap();
                     for i in 0..m * n {
                         let tol32 = (k as f64 + 2.0) * 2f64.powi(-24) * bound[i];
                         assert!(
@@ -328,12 +368,72 @@ mod tests {
                             got[i],
                             want[i]
                         );
+                        assert!(
+                            (mixed[i] as f64 - want[i]).abs() <= tol32,
+                            "f16->f32 [{i}] {} vs {} ({m},{k},{n},{ta},{tb})",
+                            mixed[i],
+                            want[i]
+                        );
                         let tol16 = tol32 + 2f64.powi(-11) * want[i].abs();
                         assert!((got16[i].to_f64() - want[i]).abs() <= tol16, "f16 [{i}] {} vs {}", got16[i], want[i]);
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn descriptors_carry_each_operands_type_and_strict_f32_compute() {
+        let g = Gemm { m: 5, n: 3, k: 7, trans_a: false, trans_b: true };
+        let strict = sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
+        let (f16t, f32t) = (sys::cudaDataType::CUDA_R_16F, sys::cudaDataType::CUDA_R_32F);
+        for (call, ab, cd) in [
+            (lt_call::<f32, f32>(&g), f32t, f32t),
+            (lt_call::<f16, f16>(&g), f16t, f16t),
+            (lt_call::<f16, f32>(&g), f16t, f32t),
+        ] {
+            assert_eq!(call.desc.compute, strict, "FAST_TF32 would miss the f32 path's tolerance");
+            assert_eq!((call.a.dtype, call.b.dtype, call.c.dtype, call.d.dtype), (ab, ab, cd, cd));
+            assert_eq!(call.dims().unwrap(), (3, 5, 7), "cuBLASLt's m is our n");
+        }
+    }
+
+    #[test]
+    fn accumulating_into_an_f32_slot_adds_and_f32_to_f16_is_refused() {
+        let gpu = Gpu::emulated().unwrap();
+        let blas = Blas::new(&gpu).unwrap();
+        // dW [K_in=3, N_out=2] += xᵀ · dy with x [M=4, 3], dy [4, 2], in f16, into an f32 slot holding 0.25.
+        let x: Vec<f16> = (0..12).map(|i| f16::from_f32(i as f32 * 0.5 - 2.0)).collect();
+        let dy: Vec<f16> = (0..8).map(|i| f16::from_f32(1.0 - i as f32 * 0.25)).collect();
+        let spec = Gemm { m: 3, n: 2, k: 4, trans_a: true, trans_b: false };
+        let (bx, bdy) = (gpu.upload(&x).unwrap(), gpu.upload(&dy).unwrap());
+        let slot = gpu.upload(&[0.25f32; 6]).unwrap();
+        for round in 1..=2 {
+            blas.gemm_into::<f16, f32>(&spec, 1.0, DevSlice::of(&bx), DevSlice::of(&bdy), 1.0, DevSlice::of(&slot))
+                .unwrap();
+            let got: Vec<f32> = gpu.download(&slot, 6).unwrap();
+            for i in 0..3 {
+                for j in 0..2 {
+                    let dot: f32 = (0..4).map(|r| x[r * 3 + i].to_f32() * dy[r * 2 + j].to_f32()).sum();
+                    // Small integers and halves: exact in f32, so equality holds.
+                    assert_eq!(got[i * 2 + j], 0.25 + round as f32 * dot, "round {round} [{i},{j}]");
+                }
+            }
+        }
+        let f32_in = gpu.upload(&[1.0f32; 12]).unwrap();
+        let h_out = gpu.upload(&[f16::ZERO; 6]).unwrap();
+        let e = blas
+            .gemm_into::<f32, f16>(&spec, 1.0, DevSlice::of(&f32_in), DevSlice::of(&f32_in), 0.0, DevSlice::of(&h_out))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("f32 inputs and an f16 output"), "{e}");
+        // The mixed call checks C's length at C's element size: 6 f16 (12 bytes) are too few for 6 f32.
+        let short = DevSlice::range(&h_out, 0, 12).unwrap();
+        let e = blas
+            .gemm_into::<f16, f32>(&spec, 1.0, DevSlice::of(&bx), DevSlice::of(&bdy), 0.0, short)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("operand C") && e.contains("needs 24"), "{e}");
     }
 
     fn view(blk: &Block, elems: usize) -> DevSlice<'_> {

@@ -14,9 +14,9 @@
 //! storage type's smallest subnormal), so a wrong small element that the max-norm cannot see fails too; any
 //! non-finite output where the reference is finite, or a length mismatch, fails regardless. Tolerances: f32
 //! storage 1e-5 (floor 0.1), or 1e-4 (floor 0.1) for outputs that are sums over many rows (batch-norm and
-//! depthwise weight gradients, pooling, loss), 5e-3 (max-norm only) for cuDNN and cuBLASLt in f32 (tensor-op
-//! math: cuDNN runs with CUDNN_TENSOR_OP_MATH and cudarc's f32 matmul uses CUBLAS_COMPUTE_32F_FAST_TF32, so both
-//! may round inputs to TF32); f16 storage 1e-2 (floor 1e-3 elementwise, 1e-2 for sums).
+//! depthwise weight gradients, pooling, loss, and cuBLASLt GEMMs with an f32 output, which run with strict
+//! CUBLAS_COMPUTE_32F), 5e-3 (max-norm only) for cuDNN in f32 (tensor-op math: cuDNN runs with
+//! CUDNN_TENSOR_OP_MATH, which may round inputs to TF32); f16 storage 1e-2 (floor 1e-3 elementwise, 1e-2 for sums).
 
 use anyhow::{Result, bail};
 use cudarc::driver::DeviceRepr;
@@ -77,7 +77,7 @@ pub enum Family {
     Loss,
     /// Gradient unscaling and the AdamW step.
     Optim,
-    /// cuBLASLt GEMM.
+    /// cuBLASLt GEMM: f32, f16 and f16 inputs into f32, plain and accumulating (beta = 1).
     Gemm,
     /// cuDNN convolution forward, backward data and backward filter.
     Conv,
@@ -1172,26 +1172,37 @@ fn gemm(c: &mut Ctx) -> Result<()> {
         bail!("cuBLASLt (libcublasLt.so) was not found: add it to LD_LIBRARY_PATH");
     }
     let blas = super::blas::Blas::new(c.g)?;
-    for (m, k, n, ta, tb) in
-        [(37, 24, 40, false, false), (64, 32, 16, true, false), (13, 40, 9, false, true), (64, 64, 64, true, true)]
-    {
+    for (m, k, n, ta, tb) in [
+        (37, 24, 40, false, false),
+        (64, 32, 16, true, false),
+        (13, 40, 9, false, true),
+        (64, 64, 64, true, true),
+        (7, 3, 5, true, false),
+    ] {
         let spec = super::blas::Gemm { m, n, k, trans_a: ta, trans_b: tb };
         let shape = format!("[{m}x{k}]x[{k}x{n}] ta={ta} tb={tb}");
-        let mut want = vec![0.0; m * n];
-        macro_rules! run {
-            ($t:ty) => {{
-                let (a, ba) = c.rand::<$t>(m * k, 1.0, 0.0)?;
-                let (b, bb) = c.rand::<$t>(k * n, 1.0, 0.0)?;
-                let bc = c.poison::<$t>(m * n)?;
-                blas.gemm::<$t>(&spec, 1.0, s(&ba), s(&bb), 0.0, bc.v()?)?;
-                ops::gemm::gemm(m, k, n, 1.0, &a, ta, &b, tb, 0.0, &mut want);
-                let got = c.fetch::<$t>(&bc)?;
-                // cudarc's f32 matmul asks cuBLASLt for CUBLAS_COMPUTE_32F_FAST_TF32: judge it as tensor-op math.
-                c.record("gemm", <$t as Store>::DTYPE, &shape, &got, &want, Accuracy::TensorOp);
-            }};
+        // (alpha, beta): a plain product, and an update of what C holds (beta = 1: gradient accumulation).
+        for (alpha, beta) in [(1.0f32, 0.0f32), (-0.75, 1.0)] {
+            let ab = format!("alpha={alpha} beta={beta}");
+            // Inputs of $a, output of $c; C starts as NaN when beta = 0 (it must not be read), else random.
+            macro_rules! run {
+                ($a:ty, $c:ty, $op:expr, $dt:expr, $acc:expr) => {{
+                    let (a, ba) = c.rand::<$a>(m * k, 1.0, 0.0)?;
+                    let (b, bb) = c.rand::<$a>(k * n, 1.0, 0.0)?;
+                    let mut want = if beta == 0.0 { vec![0.0; m * n] } else { c.rand::<$c>(m * n, 1.0, 0.0)?.0 };
+                    let bc = if beta == 0.0 { c.poison::<$c>(m * n)? } else { c.output::<$c>(&want)? };
+                    blas.gemm_into::<$a, $c>(&spec, alpha, s(&ba), s(&bb), beta, bc.v()?)?;
+                    ops::gemm::gemm(m, k, n, alpha as f64, &a, ta, &b, tb, beta as f64, &mut want);
+                    let got = c.fetch::<$c>(&bc)?;
+                    c.record(&format!("{} {ab}", $op), $dt, &shape, &got, &want, $acc);
+                }};
+            }
+            // Strict f32 compute (no TF32): an f32 sum over k, judged as one.
+            run!(f32, f32, "gemm f32", Dtype::F32, Accuracy::Reduction);
+            run!(f16, f16, "gemm f16", Dtype::F16, Accuracy::TensorOp);
+            // f16 inputs are exact in f32 and so are their products: only the f32 accumulation rounds.
+            run!(f16, f32, "gemm f16->f32", Dtype::F32, Accuracy::Reduction);
         }
-        run!(f32);
-        run!(f16);
     }
     Ok(())
 }

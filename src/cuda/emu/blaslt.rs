@@ -622,6 +622,14 @@ mod tests {
         let mut call = small_call(DataType::CUDA_R_16F);
         call.desc.compute = Compute::CUBLAS_COMPUTE_32F_FAST_TF32;
         assert!(call.dims().unwrap_err().to_string().contains("no algorithm"));
+        // f32 inputs with an f16 output: cuBLASLt lists no such combination under f32 compute.
+        let mut call = small_call(DataType::CUDA_R_32F);
+        (call.c.dtype, call.d.dtype) = (DataType::CUDA_R_16F, DataType::CUDA_R_16F);
+        assert!(call.dims().unwrap_err().to_string().contains("no algorithm"));
+        // The mixed combination derma uses for weight gradients is accepted.
+        let mut call = small_call(DataType::CUDA_R_16F);
+        (call.c.dtype, call.d.dtype) = (DataType::CUDA_R_32F, DataType::CUDA_R_32F);
+        assert_eq!(call.dims().unwrap(), (3, 4, 2));
         let call = small_call(DataType::CUDA_R_32F);
         let pref = Preference { min_alignment: [2, 4, 4, 4], ..Preference::default() };
         assert!(heuristic(&call, &pref).unwrap_err().to_string().contains("element size"));
