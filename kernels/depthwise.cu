@@ -1,5 +1,6 @@
 // Depthwise convolution, NHWC, k x k kernel, stride s, padding (k - 1) / 2, no bias: forward, backward data,
-// backward weight. Weights are stored [k, k, C] (channel fastest) so a warp reads consecutive channels.
+// backward weight, and the weight-layout transposes. Weights are stored [k, k, C] (channel fastest) so a warp reads
+// consecutive channels.
 //
 // Napkin math (fp32, per output element, k = 3 / 5):
 //   forward:       k^2 multiply-adds (9 / 25 -> 18 / 50 flops); reads k^2 inputs but neighbouring outputs share
@@ -10,6 +11,11 @@
 //   backward weight: a reduction over N*Ho*Wo for each of k^2*C weights: reads dy and x (8 B per output per tap,
 //                  mostly L2 hits); partial sums go to a [rows_split, k*k, C] workspace, then one thread per weight
 //                  adds them in a fixed order (deterministic, no float atomics).
+//   weight layout: the model keeps depthwise weights as [C, k*k] f32 masters (OHWI [C, k, k, 1]); these kernels
+//                  take [k*k, C]. permute_f32_to_* makes the kernels' copy (with the cast to f16) and
+//                  transpose_add_f32 turns their [k*k, C] gradient into the master layout inside the gradient slot.
+//                  Weights are tiny (B0's largest: 1152 * 25 floats = 115 KB), one read and one write each; a
+//                  32x32 shared-memory tile keeps both sides coalesced.
 // Channels are the fastest index, so threads of a warp take consecutive channels; with C a multiple of 4 (fp32)
 // or 8 (fp16) each thread handles one 16-byte vector of channels (forward and backward data).
 #include "common.cuh"
@@ -180,4 +186,49 @@ extern "C" __global__ void sum_rows_f32(float* out, const float* partial, int32_
     float s = 0.f;
     for (int k = 0; k < rows; ++k) s += partial[(int64_t)k * cols + j];
     out[j] = accumulate ? out[j] + s : s;
+}
+
+// Block (32, 8). y [cols, rows] (+)= x [rows, cols] transposed, through 32x32 tiles of shared memory (a column of
+// 33 floats, so the transposed read hits 32 different banks); blocks take tiles in a grid-stride loop. accumulate
+// != 0 adds to y (T = float only); 0 writes it without reading.
+template <typename T>
+__device__ void transpose_tiles(T* __restrict__ y, const float* __restrict__ x, int64_t rows, int64_t cols,
+                                int32_t accumulate) {
+    __shared__ float tile[32][33];
+    const int64_t tiles_c = (cols + 31) / 32;
+    const int64_t tiles = tiles_c * ((rows + 31) / 32);
+    for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+        const int64_t r0 = (t / tiles_c) * 32, c0 = (t % tiles_c) * 32;
+        // Read x[r0 + ty + j, c0 + tx]: lanes along a row of x.
+#pragma unroll
+        for (int j = 0; j < 32; j += 8) {
+            const int64_t r = r0 + threadIdx.y + j, c = c0 + threadIdx.x;
+            if (r < rows && c < cols) tile[threadIdx.y + j][threadIdx.x] = x[r * cols + c];
+        }
+        __syncthreads();
+        // Write y[c0 + ty + j, r0 + tx]: lanes along a row of y.
+#pragma unroll
+        for (int j = 0; j < 32; j += 8) {
+            const int64_t c = c0 + threadIdx.y + j, r = r0 + threadIdx.x;
+            if (c < cols && r < rows) {
+                const float v = tile[threadIdx.x][threadIdx.y + j];
+                T* out = y + c * rows + r;
+                *out = accumulate ? from_f<T>(to_f(*out) + v) : from_f<T>(v);
+            }
+        }
+        __syncthreads();  // the next tile overwrites this one
+    }
+}
+
+// The kernels' [k*k, C] weights (rows = C, cols = k*k) from the master [C, k*k] f32, cast to the storage type.
+extern "C" __global__ void permute_f32_to_f32(float* y, const float* x, int64_t rows, int64_t cols) {
+    transpose_tiles(y, x, rows, cols, 0);
+}
+extern "C" __global__ void permute_f32_to_f16(__half* y, const float* x, int64_t rows, int64_t cols) {
+    transpose_tiles(y, x, rows, cols, 0);
+}
+// y[c, r] (+)= x[r, c]: the kernels' [k*k, C] weight gradient (rows = k*k, cols = C) into the master layout.
+extern "C" __global__ void transpose_add_f32(float* y, const float* x, int64_t rows, int64_t cols,
+                                             int32_t accumulate) {
+    transpose_tiles(y, x, rows, cols, accumulate);
 }

@@ -1,9 +1,10 @@
-// Elementwise ops over flat buffers: silu, sigmoid, relu (forward and backward), add, scale, axpy, casts.
+// Elementwise ops over flat buffers: silu, sigmoid, relu (forward and backward), add, scale, axpy, casts, fill.
 //
 // Napkin math (per element, fp32 storage; halve the bytes for fp16):
 //   unary forward   y = f(x):          read 4 B, write 4 B,  ~1-20 flops -> 0.1-2.5 flop/B
 //   unary backward  dx = g(x, dy):     read 8 B, write 4 B,  ~5-20 flops -> < 2 flop/B
 //   add / axpy:                         read 8 B, write 4 B,  1-2 flops
+//   fill            y = v:              write 4 B, no reads (the backward seed, zeroing a gradient buffer)
 // An H100/H200 moves ~3-4.8 TB/s against ~60 TFLOP/s fp32, i.e. needs ~15 flop/B to be compute bound: every op
 // here is memory bound. What matters is full 16-byte transactions (float4 / 8 halves per thread) and enough bytes
 // in flight (grid-stride loop, 4+ waves of blocks); the exp in silu/sigmoid is hidden behind the loads.
@@ -141,3 +142,26 @@ extern "C" __global__ void cast_f16_to_f32(float* y, const __half* x, int64_t n)
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) y[i] = __half2float(x[i]);
 }
+
+// y = value (rounded to T once) over n elements: the backward seed and the zeroing of gradient buffers. Unlike
+// scale with alpha 0, it never reads y, so NaN or garbage there is cleared.
+template <typename T>
+__device__ __forceinline__ void fill(T* __restrict__ y, float value, int64_t n) {
+    constexpr int N = Vec<T>::N;
+    const T v = from_f<T>(value);
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    const int64_t i0 = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int64_t done = 0;
+    if (aligned16(y)) {
+        Vec<T> vv;
+#pragma unroll
+        for (int k = 0; k < N; ++k) vv.v[k] = v;
+        const int64_t nv = n / N;
+        for (int64_t j = i0; j < nv; j += stride) store16(y + j * N, vv);
+        done = nv * N;
+    }
+    for (int64_t i = done + i0; i < n; i += stride) y[i] = v;
+}
+
+extern "C" __global__ void fill_f32(float* y, float value, int64_t n) { fill(y, value, n); }
+extern "C" __global__ void fill_f16(__half* y, float value, int64_t n) { fill(y, value, n); }

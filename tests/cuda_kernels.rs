@@ -97,6 +97,11 @@ fn cuda_cublaslt_gemm() {
 }
 
 #[test]
+fn cuda_linear() {
+    family("cuda_linear", Family::Linear);
+}
+
+#[test]
 fn cuda_cudnn_conv() {
     family("cuda_cudnn_conv", Family::Conv);
 }

@@ -63,11 +63,11 @@ pub struct CheckArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Family {
-    /// SiLU / sigmoid / ReLU forward and backward, add, scale, axpy, casts.
+    /// SiLU / sigmoid / ReLU forward and backward, add, scale, axpy, fill, casts.
     Elementwise,
     /// Batch-norm statistics, forward and backward (train and eval, with and without fused SiLU).
     Batchnorm,
-    /// Depthwise convolution forward, backward data and backward weight.
+    /// Depthwise convolution forward, backward data and backward weight; the weight-layout transposes.
     Depthwise,
     /// Squeeze-excitation global pool and channel scale, forward and backward.
     Se,
@@ -79,6 +79,8 @@ pub enum Family {
     Optim,
     /// cuBLASLt GEMM: f32, f16 and f16 inputs into f32, plain and accumulating (beta = 1).
     Gemm,
+    /// Linear-layer bias add and bias gradient (column sum, written or accumulated into f32).
+    Linear,
     /// cuDNN convolution forward, backward data and backward filter.
     Conv,
     /// The fused training augmentation against the CPU applier, per element (see [`super::augment`]).
@@ -87,7 +89,7 @@ pub enum Family {
 
 impl Family {
     /// Every family, in the order `derma check` runs them.
-    pub const ALL: [Family; 10] = [
+    pub const ALL: [Family; 11] = [
         Family::Elementwise,
         Family::Batchnorm,
         Family::Depthwise,
@@ -96,6 +98,7 @@ impl Family {
         Family::Loss,
         Family::Optim,
         Family::Gemm,
+        Family::Linear,
         Family::Conv,
         Family::Augment,
     ];
@@ -111,6 +114,7 @@ impl Family {
             Self::Loss => "loss",
             Self::Optim => "optim",
             Self::Gemm => "gemm",
+            Self::Linear => "linear",
             Self::Conv => "conv",
             Self::Augment => "augment",
         }
@@ -511,6 +515,7 @@ fn parts(family: Family) -> Vec<(&'static str, Dtype, Part)> {
         Family::Loss => vec![("loss f32", Dtype::F32, loss::<f32>), ("loss f16", Dtype::F16, loss::<f16>)],
         Family::Optim => vec![("optim", Dtype::F32, optim)],
         Family::Gemm => vec![("gemm", Dtype::F32, gemm)],
+        Family::Linear => vec![("linear f32", Dtype::F32, linear::<f32>), ("linear f16", Dtype::F16, linear::<f16>)],
         Family::Conv => vec![("conv f32", Dtype::F32, conv::<f32>), ("conv f16", Dtype::F16, conv::<f16>)],
         // Checked by `super::augment::check` (see check_family).
         Family::Augment => vec![],
@@ -617,6 +622,14 @@ fn elementwise<T: Store>(c: &mut Ctx) -> Result<()> {
         let want: Vec<f64> = base.iter().zip(&dy).map(|(b, d)| b + 2.0 * d).collect();
         let got = c.fetch::<T>(&y)?;
         c.record("axpy", dt, &shape, &got, &want, Accuracy::Elementwise);
+        // fill over NaN (never read): zero, an exact value, and one that rounds (once, from the f32 argument).
+        for value in [0.0f32, 1.5, -0.1] {
+            let y = c.poison::<T>(n)?;
+            g.kernels.fill::<T>(&g.stream, y.v()?, value, n)?;
+            let want = vec![T::from_f64(value as f64).to_f64(); n];
+            let got = c.fetch::<T>(&y)?;
+            c.record_exact(&format!("fill {value}"), dt, &shape, &got, &want);
+        }
     }
     // A view offset by one element is not 16-byte aligned: the kernels must take their scalar path.
     let n = 1001;
@@ -648,6 +661,14 @@ fn elementwise<T: Store>(c: &mut Ctx) -> Result<()> {
     let mut want = vec![0.0; n];
     ops::elementwise::add_forward(&a, &x[1..], &mut want);
     c.record("add (second input at +1 element)", dt, &format!("n={n}"), &got, &want, Accuracy::Elementwise);
+    // fill through a view at +1 element: the scalar path, and nothing written before the view.
+    let y = c.poison::<T>(n + 1)?;
+    g.kernels.fill::<T>(&g.stream, DevSlice::range(&y.block, FENCE + es, n * es)?, 2.0, n)?;
+    let got = c.fetch::<T>(&y)?;
+    let view = Fetched { values: got.values[1..].to_vec(), outside: got.outside };
+    c.record_exact("fill 2 (view at +1 element)", dt, &format!("n={n}"), &view, &vec![2.0; n]);
+    let untouched = Fetched { values: vec![if got.values[0].is_nan() { 0.0 } else { f64::INFINITY }], outside: 0 };
+    c.record_exact("fill (no write before the view)", dt, "1", &untouched, &[0.0]);
     Ok(())
 }
 
@@ -924,6 +945,52 @@ fn depthwise<T: Store>(c: &mut Ctx) -> Result<()> {
             Accuracy::Reduction,
         );
         c.record_fence("dw_backward_weight workspace", &shape, &ws)?;
+        // The weight layouts end to end: the kernels' weights permuted from an f32 master [C, k*k], and their
+        // gradient moved into a master-layout slot, against the CPU reference's [C, k, k, 1] gradient.
+        let (master, bm) = c.rand::<f32>(nw, 1.0, 0.0)?;
+        let wt = c.poison::<T>(nw)?;
+        g.kernels.permute_from_f32::<T>(&g.stream, wt.v()?, s(&bm), ch, k * k)?;
+        let want: Vec<f64> = from_ref(&master).iter().map(|&v| T::from_f64(v).to_f64()).collect();
+        let got = c.fetch::<T>(&wt)?;
+        c.record_exact("permute master [C,kk] -> [kk,C]", dt, &shape, &got, &want);
+        let slot = c.poison::<f32>(nw)?;
+        let dw_dev = DevSlice::range(&dw.block, FENCE, nw * 4)?;
+        g.kernels.dw_backward_weight::<T>(&g.stream, &p, dw_dev, s(&bx), s(&bdy), ws.v()?, false)?;
+        g.kernels.transpose_add(&g.stream, slot.v()?, dw_dev, k * k, ch, false)?;
+        let got = c.fetch::<f32>(&slot)?;
+        c.record(
+            "dw weight grad into the master slot",
+            Dtype::F32.max_of(dt),
+            &shape,
+            &got,
+            &want_r,
+            Accuracy::Reduction,
+        );
+    }
+    // Layout transposes alone: B0's largest depthwise weight (C = 1152, k = 5) and a tall one, both with more
+    // 32x32 tiles than the grid has blocks (the tile loop wraps), and a single column.
+    for (rows, cols) in [(1152usize, 25usize), (1061, 13), (7, 1)] {
+        let shape = format!("rows={rows} cols={cols}");
+        let n = rows * cols;
+        let (x, bx) = c.rand::<f32>(n, 1.0, 0.0)?;
+        let transposed: Vec<f64> = (0..n).map(|i| x[(i % rows) * cols + i / rows]).collect();
+        let y = c.poison::<T>(n)?;
+        g.kernels.permute_from_f32::<T>(&g.stream, y.v()?, s(&bx), rows, cols)?;
+        let want: Vec<f64> = transposed.iter().map(|&v| T::from_f64(v).to_f64()).collect();
+        let got = c.fetch::<T>(&y)?;
+        c.record_exact("permute", dt, &shape, &got, &want);
+        if dt == Dtype::F32 {
+            let y = c.poison::<f32>(n)?;
+            g.kernels.transpose_add(&g.stream, y.v()?, s(&bx), rows, cols, false)?;
+            let got = c.fetch::<f32>(&y)?;
+            c.record_exact("transpose_add (write)", Dtype::F32, &shape, &got, &transposed);
+            let (y0, _) = c.rand::<f32>(n, 1.0, 0.0)?;
+            let y = c.output::<f32>(&y0)?;
+            g.kernels.transpose_add(&g.stream, y.v()?, s(&bx), rows, cols, true)?;
+            let want: Vec<f64> = y0.iter().zip(&transposed).map(|(a, b)| a + b).collect();
+            let got = c.fetch::<f32>(&y)?;
+            c.record("transpose_add (accumulate)", Dtype::F32, &shape, &got, &want, Accuracy::Elementwise);
+        }
     }
     Ok(())
 }
@@ -1204,6 +1271,63 @@ fn gemm(c: &mut Ctx) -> Result<()> {
             run!(f16, f32, "gemm f16->f32", Dtype::F32, Accuracy::Reduction);
         }
     }
+    Ok(())
+}
+
+fn linear<T: Store>(c: &mut Ctx) -> Result<()> {
+    let (g, dt) = (c.g, T::DTYPE);
+    // (rows, cols): the classifier at batch 3 (9 classes), odd shapes, an aligned one (vector path), a column
+    // count one past a 32-column tile, flat lengths past three grid passes (vectorised and scalar), and many rows
+    // per column lane.
+    for (rows, cols) in [(3usize, 9usize), (37, 13), (64, 40), (5, 33), (97, 1032), (101, 999), (1031, 7)] {
+        let shape = format!("rows={rows} cols={cols}");
+        let n = rows * cols;
+        let (y0, _) = c.rand::<T>(n, 1.0, 0.0)?;
+        let (bias, bb) = c.rand::<f32>(cols, 1.0, 0.0)?;
+        let y = c.output::<T>(&y0)?;
+        g.kernels.bias_add::<T>(&g.stream, y.v()?, s(&bb), rows, cols)?;
+        let want: Vec<f64> = (0..n).map(|i| y0[i] + bias[i % cols]).collect();
+        let got = c.fetch::<T>(&y)?;
+        c.record("bias_add", dt, &shape, &got, &want, Accuracy::Elementwise);
+
+        let (x, bx) = c.rand::<T>(n, 1.0, 0.0)?;
+        let mut sums = vec![0.0; cols];
+        for (i, v) in x.iter().enumerate() {
+            sums[i % cols] += v;
+        }
+        let out = c.poison::<f32>(cols)?;
+        g.kernels.col_sum::<T>(&g.stream, out.v()?, s(&bx), rows, cols, false)?;
+        let got = c.fetch::<f32>(&out)?;
+        c.record("col_sum", Dtype::F32.max_of(dt), &shape, &got, &sums, Accuracy::Reduction);
+        // Accumulate into a gradient slot that already holds values.
+        let (slot0, _) = c.rand::<f32>(cols, 1.0, 0.0)?;
+        let slot = c.output::<f32>(&slot0)?;
+        g.kernels.col_sum::<T>(&g.stream, slot.v()?, s(&bx), rows, cols, true)?;
+        let want: Vec<f64> = slot0.iter().zip(&sums).map(|(a, b)| a + b).collect();
+        let got = c.fetch::<f32>(&slot)?;
+        c.record("col_sum (accumulate)", Dtype::F32.max_of(dt), &shape, &got, &want, Accuracy::Reduction);
+    }
+    // bias_add through a view at +1 element (cols a multiple of the vector): the scalar path.
+    let (rows, cols) = (16usize, 40usize);
+    let n = rows * cols;
+    let es = size_of::<T>();
+    let (y0, _) = c.rand::<T>(n + 1, 1.0, 0.0)?;
+    let (bias, bb) = c.rand::<f32>(cols, 1.0, 0.0)?;
+    let y = c.output::<T>(&y0)?;
+    g.kernels.bias_add::<T>(&g.stream, DevSlice::range(&y.block, FENCE + es, n * es)?, s(&bb), rows, cols)?;
+    let mut want = y0.clone();
+    for i in 0..n {
+        want[i + 1] += bias[i % cols];
+    }
+    let got = c.fetch::<T>(&y)?;
+    c.record(
+        "bias_add (view at +1 element)",
+        dt,
+        &format!("rows={rows} cols={cols}"),
+        &got,
+        &want,
+        Accuracy::Elementwise,
+    );
     Ok(())
 }
 
