@@ -53,6 +53,9 @@ enum Command {
     /// backward, fresh random inputs) on a GPU or, with --device emu, on the emulated device; exits non-zero on any
     /// mismatch or without a usable device.
     Check(derma::cuda::check::CheckArgs),
+    /// Record one training step on the emulated device and print its launches, the bytes each reads and writes,
+    /// the arena peak and the bytes moved per image (nothing runs).
+    Plan(cli::plan::PlanArgs),
 }
 
 #[derive(Subcommand)]
@@ -186,6 +189,7 @@ fn main() {
         Command::Bench(c) => cli::bench::run_bench(c),
         Command::Check(a) => derma::cuda::check::run(&a),
         Command::Weights(c) => cli::weights::run_weights(c),
+        Command::Plan(a) => cli::plan::run_plan(a),
     };
     if let Err(e) = result {
         // A decode stopped by Ctrl-C is no failure: its work is kept and the same command resumes it.
