@@ -118,9 +118,9 @@ fn load_model(path: &std::path::Path) -> Result<EfficientNet<f32>> {
 }
 
 fn run_forward(a: ForwardArgs) -> Result<()> {
-    cuda::require_cpu_path(a.device, "derma forward")?;
-    if a.precision == Precision::F16 {
-        bail!("--precision f16 needs a CUDA device; the CPU reference computes in f32");
+    let selected = cuda::select(a.device)?;
+    if a.precision == Precision::F16 && selected == cuda::Selected::Cpu {
+        bail!("--precision f16 needs a CUDA device (--device cuda or emu); the CPU reference computes in f32");
     }
     let mut model = load_model(&a.weights)?;
     let inputs = io::load_safetensors(&a.input).with_context(|| format!("reading {}", a.input.display()))?.0;
@@ -134,8 +134,18 @@ fn run_forward(a: ForwardArgs) -> Result<()> {
         LossArg::Focal => LossKind::Focal { gamma: a.gamma },
         LossArg::Ce => LossKind::CrossEntropy,
     };
-    let out = forward::run(&mut model, inputs.entries(), a.mode, &kind)
-        .with_context(|| format!("running {} on {}", a.weights.display(), a.input.display()))?;
+    let out = match selected {
+        cuda::Selected::Cpu => forward::run(&mut model, inputs.entries(), a.mode, &kind),
+        device => {
+            let gpu = std::sync::Arc::new(cuda::Gpu::open(&device)?);
+            let precision = match a.precision {
+                Precision::F32 => derma::backend::cuda::Precision::F32,
+                Precision::F16 => derma::backend::cuda::Precision::F16,
+            };
+            forward::run_device(&mut model, inputs.entries(), a.mode, &kind, gpu, precision)
+        }
+    }
+    .with_context(|| format!("running {} on {}", a.weights.display(), a.input.display()))?;
     io::save_safetensors(&a.output, &out.into_iter().collect(), None)
         .with_context(|| format!("writing {}", a.output.display()))
 }

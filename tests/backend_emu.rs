@@ -409,3 +409,39 @@ fn host_masks_and_second_parameter_reads_are_refused() {
     let e = tape.param(&m.params, 0).expect_err("stale trainability must be refused").to_string();
     assert!(e.contains("build a new backend"), "{e}");
 }
+
+#[test]
+fn loss_backward_scales_by_a_constant_seed() {
+    use derma::backend::{Backend, Cpu};
+    let (n, k) = (3, 5);
+    let mut r = Pcg64::seed_from_u64(4);
+    let logits = Array::new(&[n, k], (0..n * k).map(|_| r.random_range(-3.0..3.0)).collect()).unwrap();
+    let targets = [4, 0, 2];
+    let mut cpu = Cpu::<f32>::default();
+    let cl = Arc::new(logits.clone());
+    let (_, saved) = cpu.loss(&cl, &targets, None, &LossKind::CrossEntropy).unwrap();
+    let empty = ParamStore::<f32>::new();
+    for seed in [1.0, 2.5, 0.0] {
+        let seed_t = cpu.full(&[], seed).unwrap();
+        let want = cpu.loss_backward(&saved, &cl, &seed_t).unwrap();
+        let gpu = Arc::new(Gpu::emulated().unwrap());
+        let mut cuda = Cuda::new(gpu, &empty, &[], Precision::F32).unwrap();
+        let x = cuda.input(&logits).unwrap();
+        let (_, saved_d) = cuda.loss(&x, &targets, None, &LossKind::CrossEntropy).unwrap();
+        let s = cuda.full(&[], seed).unwrap();
+        let g = cuda.loss_backward(&saved_d, &x, &s).unwrap();
+        cuda.keep(&g);
+        cuda.run(true).unwrap();
+        let got = cuda.download(&g).unwrap();
+        for (i, (&a, &b)) in got.iter().zip(&want.data).enumerate() {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "seed {seed}: dlogits[{i}] {a} vs {b}");
+        }
+    }
+    // A computed (non-constant) output gradient is refused with a clear error.
+    let gpu = Arc::new(Gpu::emulated().unwrap());
+    let mut cuda = Cuda::new(gpu, &empty, &[], Precision::F32).unwrap();
+    let x = cuda.input(&logits).unwrap();
+    let (l, saved_d) = cuda.loss(&x, &targets, None, &LossKind::CrossEntropy).unwrap();
+    let e = cuda.loss_backward(&saved_d, &x, &l).expect_err("a computed seed must be refused").to_string();
+    assert!(e.contains("constant output gradient"), "{e}");
+}

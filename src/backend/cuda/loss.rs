@@ -86,6 +86,16 @@ pub(super) fn backward(cu: &mut Cuda, saved: &CudaLossSaved, logits: &Tensor, dy
     if scale == 1.0 {
         return Ok(saved.dlogits.clone());
     }
+    if scale == 0.0 {
+        // The kernel reads a gradient scale of 0 as "skip the gradient": a zero seed gives zeros.
+        let dlogits = cu.alloc("dlogits (zero seed)", &logits.shape, logits.dtype);
+        let (v, dt, n) = (dlogits.view, logits.dtype, logits.numel());
+        cu.push("zero logits gradient", vec![], vec![dlogits.access()], move |b| {
+            let gpu = b.gpu();
+            by_dtype!(dt, T => gpu.kernels.fill::<T>(&gpu.stream, v.get(b)?, 0.0, n))
+        });
+        return Ok(dlogits);
+    }
     // Another seed (a loss scale): the same launch again with the kernel's gradient scale.
     let p = LossParams { grad_scale: scale as f32, ..saved.params };
     let loss = cu.alloc("loss (rescaled pass)", &[], DType::F32);
