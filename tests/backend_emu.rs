@@ -24,15 +24,22 @@ use rand::{RngExt, SeedableRng};
 use rand_pcg::Pcg64;
 use std::sync::Arc;
 
-const BATCH: usize = 4;
-const SIZE: usize = 64;
+/// Batch and image side of a step.
+#[derive(Clone, Copy, Debug)]
+struct Setup {
+    batch: usize,
+    size: usize,
+}
+
+/// What the stage tests run: the emulator takes about a second per stage here.
+const SMALL: Setup = Setup { batch: 4, size: 64 };
 const CLASSES: usize = 8;
 const MASKS: CounterMasks = CounterMasks { seed: 11, epoch: 2, step: 5 };
 
-fn images(seed: u64) -> Array<f32> {
+fn images(seed: u64, s: Setup) -> Array<f32> {
     let mut r = Pcg64::seed_from_u64(seed);
-    let n = BATCH * SIZE * SIZE * 3;
-    Array::new(&[BATCH, SIZE, SIZE, 3], (0..n).map(|_| r.random_range(-2.0..2.0)).collect()).unwrap()
+    let n = s.batch * s.size * s.size * 3;
+    Array::new(&[s.batch, s.size, s.size, 3], (0..n).map(|_| r.random_range(-2.0..2.0)).collect()).unwrap()
 }
 
 fn train_ctx(rng: &mut Pcg64, frozen_bn_eval: bool) -> Ctx<'_> {
@@ -56,13 +63,13 @@ fn batch_norms(m: &mut EfficientNet<f32>) -> Vec<&mut BatchNorm<f32>> {
 
 /// Full-size B0 with the seed head, its running statistics calibrated on one batch of other images (as after
 /// training: a frozen block's eval-mode BN then normalizes), and blocks `0..frozen` frozen.
-fn model(frozen: usize) -> EfficientNet<f32> {
+fn model(frozen: usize, s: Setup) -> EfficientNet<f32> {
     let mut m = EfficientNet::<f32>::new(ModelConfig::b0(CLASSES, HeadKind::Seed), 7);
     for bn in batch_norms(&mut m) {
         bn.cfg.momentum = 1.0;
     }
     let mut tape = Tape::inference();
-    let x = tape.constant(images(99));
+    let x = tape.constant(images(99, s));
     let mut rng = Pcg64::seed_from_u64(0);
     let mut ctx = Ctx { dropout: false, stochastic_depth: false, frozen_bn_eval: false, ..Ctx::train(&mut rng) };
     m.forward(&mut tape, x, &mut ctx).unwrap();
@@ -73,7 +80,9 @@ fn model(frozen: usize) -> EfficientNet<f32> {
     m
 }
 
-const TARGETS: [usize; BATCH] = [3, 6, 0, 7];
+fn targets(s: Setup) -> Vec<usize> {
+    [3, 6, 0, 7].into_iter().cycle().take(s.batch).collect()
+}
 const KIND: LossKind = LossKind::Focal { gamma: 2.0 };
 
 fn class_weights() -> Vec<f32> {
@@ -91,15 +100,16 @@ fn record(
     m: &mut EfficientNet<f32>,
     precision: Precision,
     frozen_bn_eval: bool,
+    s: Setup,
 ) -> (Cuda, [derma::backend::cuda::Tensor; 2]) {
     let mut tape = Tape::on(new_backend(m, precision));
-    let x = tape.backend_mut().input(&images(1)).unwrap();
+    let x = tape.backend_mut().input(&images(1, s)).unwrap();
     let x = tape.input(x);
     let mut rng = Pcg64::seed_from_u64(0);
     let mut ctx = train_ctx(&mut rng, frozen_bn_eval);
     let logits = m.forward(&mut tape, x, &mut ctx).unwrap();
     let weights = class_weights();
-    let l = loss::loss(&mut tape, logits, &TARGETS, Some(&weights), &KIND).unwrap();
+    let l = loss::loss(&mut tape, logits, &targets(s), Some(&weights), &KIND).unwrap();
     let (lt, ll) = (tape.value(logits).clone(), tape.value(l).clone());
     tape.backend_mut().keep(&lt);
     tape.backend_mut().keep(&ll);
@@ -108,14 +118,14 @@ fn record(
 }
 
 /// The same step on the CPU reference: logits, loss; gradients and statistics stay in `m`.
-fn cpu_step(m: &mut EfficientNet<f32>, frozen_bn_eval: bool) -> (Vec<f32>, f32) {
+fn cpu_step(m: &mut EfficientNet<f32>, frozen_bn_eval: bool, s: Setup) -> (Vec<f32>, f32) {
     let mut tape = Tape::new();
-    let x = tape.constant(images(1));
+    let x = tape.constant(images(1, s));
     let mut rng = Pcg64::seed_from_u64(0);
     let mut ctx = train_ctx(&mut rng, frozen_bn_eval);
     let logits = m.forward(&mut tape, x, &mut ctx).unwrap();
     let weights = class_weights();
-    let l = loss::loss(&mut tape, logits, &TARGETS, Some(&weights), &KIND).unwrap();
+    let l = loss::loss(&mut tape, logits, &targets(s), Some(&weights), &KIND).unwrap();
     let out = (tape.value(logits).data.clone(), tape.value(l).data[0]);
     tape.backward(l, &mut m.params).unwrap();
     out
@@ -130,18 +140,18 @@ struct Exact {
     stats: Vec<(Vec<f64>, Vec<f64>)>,
 }
 
-fn exact_step(m32: &EfficientNet<f32>, frozen_bn_eval: bool) -> Exact {
+fn exact_step(m32: &EfficientNet<f32>, frozen_bn_eval: bool, s: Setup) -> Exact {
     let mut m = EfficientNet::<f64>::new(m32.config.clone(), 7);
     m.load_state_dict(&m32.state_dict()).unwrap();
     m.freeze_blocks(m32.frozen_blocks).unwrap();
     let mut tape = Tape::<f64>::new();
-    let img = images(1);
+    let img = images(1, s);
     let x = tape.constant(Array::new(&img.shape, img.data.iter().map(|&v| v as f64).collect()).unwrap());
     let mut rng = Pcg64::seed_from_u64(0);
     let mut ctx = train_ctx(&mut rng, frozen_bn_eval);
     let logits = m.forward(&mut tape, x, &mut ctx).unwrap();
     let weights: Vec<f64> = class_weights().iter().map(|&v| v as f64).collect();
-    let l = loss::loss(&mut tape, logits, &TARGETS, Some(&weights), &KIND).unwrap();
+    let l = loss::loss(&mut tape, logits, &targets(s), Some(&weights), &KIND).unwrap();
     let (logits, loss) = (tape.value(logits).data.clone(), tape.value(l).data[0]);
     tape.backward(l, &mut m.params).unwrap();
     let grads = (0..m.params.len()).map(|id| m.params.grad(id).map(|g| g.to_vec())).collect();
@@ -200,17 +210,17 @@ fn max2(a: (f64, f64), b: (f64, f64)) -> (f64, f64) {
     (a.0.max(b.0), a.1.max(b.1))
 }
 
-fn compare_stage(frozen: usize, precision: Precision, frozen_bn_eval: bool) -> Worst {
+fn compare_stage(frozen: usize, precision: Precision, frozen_bn_eval: bool, s: Setup) -> Worst {
     let tol = match precision {
         Precision::F32 => 1e-5,
         Precision::F16 => 2e-2,
     };
-    let mut dev_model = model(frozen);
+    let mut dev_model = model(frozen, s);
     let mut cpu_model = dev_model.clone();
-    let exact = exact_step(&dev_model, frozen_bn_eval);
-    let (mut cuda, [lt, ll]) = record(&mut dev_model, precision, frozen_bn_eval);
+    let exact = exact_step(&dev_model, frozen_bn_eval, s);
+    let (mut cuda, [lt, ll]) = record(&mut dev_model, precision, frozen_bn_eval, s);
     cuda.run(true).unwrap();
-    let (logits, l) = cpu_step(&mut cpu_model, frozen_bn_eval);
+    let (logits, l) = cpu_step(&mut cpu_model, frozen_bn_eval, s);
     let tag = format!("stage {frozen} {precision:?}");
     let mut w = Worst {
         logits: check(&format!("{tag} logits"), &cuda.download(&lt).unwrap(), &logits, &exact.logits, tol),
@@ -280,14 +290,14 @@ fn compare_stage(frozen: usize, precision: Precision, frozen_bn_eval: bool) -> W
 #[test]
 fn f32_step_is_as_accurate_as_the_cpu_reference_in_every_stage() {
     for frozen in 0..=9 {
-        compare_stage(frozen, Precision::F32, true);
+        compare_stage(frozen, Precision::F32, true, SMALL);
     }
 }
 
 #[test]
 fn f32_step_with_frozen_blocks_in_train_mode_bn() {
     // PyTorch's train mode: frozen blocks' BN uses batch statistics and updates its running statistics.
-    compare_stage(7, Precision::F32, false);
+    compare_stage(7, Precision::F32, false, SMALL);
 }
 
 /// Relative RMS error of `got` against `want`, and the cosine between them.
@@ -309,9 +319,9 @@ fn rms_error_and_cosine(got: &[f32], want: &[f64]) -> (f64, f64) {
 /// 2000x at the logits (the CPU f32 path's own logits error is ~1e-4 = 2000 f32 roundings): f16's rounding, 8192x
 /// f32's, shows at the few-percent level in the logits and more in individual gradient elements.
 fn f16_stage(frozen: usize) {
-    let mut dev_model = model(frozen);
-    let exact = exact_step(&dev_model, true);
-    let (mut cuda, [lt, ll]) = record(&mut dev_model, Precision::F16, true);
+    let mut dev_model = model(frozen, SMALL);
+    let exact = exact_step(&dev_model, true, SMALL);
+    let (mut cuda, [lt, ll]) = record(&mut dev_model, Precision::F16, true, SMALL);
     cuda.run(true).unwrap();
     let logits = cuda.download(&lt).unwrap();
     let loss = cuda.download(&ll).unwrap();
@@ -351,6 +361,14 @@ const F16_LOGITS: f64 = 0.3;
 const F16_GRAD_COSINE: f64 = 0.6;
 
 #[test]
+fn f32_step_at_224_matches_in_the_first_and_last_stage() {
+    // Full resolution (the smallest batch a training-mode BN takes): the spatial sizes the model trains at.
+    for frozen in [0, 9] {
+        compare_stage(frozen, Precision::F32, true, Setup { batch: 2, size: 224 });
+    }
+}
+
+#[test]
 fn f16_step_runs_and_tracks_the_exact_step() {
     for frozen in [0, 5, 9] {
         f16_stage(frozen);
@@ -360,9 +378,9 @@ fn f16_step_runs_and_tracks_the_exact_step() {
 #[test]
 fn two_recordings_are_identical_and_the_arena_is_planned() {
     for frozen in [0, 6] {
-        let mut m = model(frozen);
-        let (a, _) = record(&mut m.clone(), Precision::F32, true);
-        let (b, _) = record(&mut m, Precision::F32, true);
+        let mut m = model(frozen, SMALL);
+        let (a, _) = record(&mut m.clone(), Precision::F32, true, SMALL);
+        let (b, _) = record(&mut m, Precision::F32, true, SMALL);
         assert!(a.program().same_as(b.program()), "stage {frozen}: two recordings differ");
         let plan = a.plan().unwrap();
         eprintln!(
@@ -382,16 +400,16 @@ fn two_recordings_are_identical_and_the_arena_is_planned() {
         let trainable: usize = m.params.iter().filter(|p| p.trainable).map(|p| p.value.data.len()).sum();
         assert!(a.grad_bytes() >= trainable * 4 && a.grad_bytes() < trainable * 4 + m.params.len() * 256);
     }
-    let (f16, _) = record(&mut model(0), Precision::F16, true);
-    let (f32_, _) = record(&mut model(0), Precision::F32, true);
+    let (f16, _) = record(&mut model(0, SMALL), Precision::F16, true, SMALL);
+    let (f32_, _) = record(&mut model(0, SMALL), Precision::F32, true, SMALL);
     assert!(!f16.program().same_as(f32_.program()), "f16 and f32 programs move different bytes");
 }
 
 #[test]
 fn host_masks_and_second_parameter_reads_are_refused() {
-    let mut m = model(0);
+    let mut m = model(0, SMALL);
     let mut tape = Tape::on(new_backend(&m, Precision::F32));
-    let x = tape.backend_mut().input(&images(1)).unwrap();
+    let x = tape.backend_mut().input(&images(1, SMALL)).unwrap();
     let x = tape.input(x);
     let mut rng = Pcg64::seed_from_u64(0);
     let mut ctx = Ctx::train(&mut rng);
