@@ -421,6 +421,30 @@ fn host_masks_and_second_parameter_reads_are_refused() {
     let e = tape.param(&m.params, 0).expect_err("a second read must be refused").to_string();
     assert!(e.contains("read twice") && e.contains(&m.params.get(0).name), "{e}");
 
+    // An inference backend has no gradient buffer and no zeroing step, and runs eval forward.
+    let bns: Vec<&BnState<f32>> = m.batch_norms().into_iter().map(|b| &b.state).collect();
+    let inf = Cuda::inference(Arc::new(Gpu::emulated().unwrap()), &m.params, &bns, Precision::F32).unwrap();
+    assert_eq!(inf.grad_bytes(), 0);
+    assert!(inf.program().steps().is_empty());
+    let mut tape = Tape::inference_on(inf);
+    let x = tape.backend_mut().input(&images(1, SMALL)).unwrap();
+    let x = tape.input(x);
+    let mut rng = Pcg64::seed_from_u64(0);
+    let logits = m.forward(&mut tape, x, &mut Ctx::eval(&mut rng)).unwrap();
+    let lt = tape.value(logits).clone();
+    let mut inf = tape.into_backend();
+    inf.keep(&lt);
+    inf.run(true).unwrap();
+    let mut cpu = Tape::inference();
+    let xc = cpu.constant(images(1, SMALL));
+    let mut rng = Pcg64::seed_from_u64(0);
+    let want = m.clone().forward(&mut cpu, xc, &mut Ctx::eval(&mut rng)).unwrap();
+    let (got, want) = (inf.download(&lt).unwrap(), &cpu.value(want).data);
+    let rms = (want.iter().map(|v| v * v).sum::<f32>() / want.len() as f32).sqrt();
+    for (g, w) in got.iter().zip(want.iter()) {
+        assert!((g - w).abs() <= 1e-4 * rms.max(w.abs()), "eval logits {g} vs {w}");
+    }
+
     // A backend built before freezing refuses the now-frozen store.
     let mut tape = Tape::on(new_backend(&m, Precision::F32));
     m.freeze_blocks(1).unwrap();

@@ -145,8 +145,11 @@ pub fn run_device(
         model.freeze_blocks(0)?;
     }
     let bns: Vec<&crate::ops::batchnorm::BnState<f32>> = model.batch_norms().into_iter().map(|b| &b.state).collect();
-    let cuda = Cuda::new(gpu, &model.params, &bns, precision)?;
-    let mut tape = if train { Tape::on(cuda) } else { Tape::inference_on(cuda) };
+    let mut tape = if train {
+        Tape::on(Cuda::new(gpu, &model.params, &bns, precision)?)
+    } else {
+        Tape::inference_on(Cuda::inference(gpu, &model.params, &bns, precision)?)
+    };
     let xt = tape.backend_mut().input(&x)?;
     let xv = tape.input(xt);
     let mut rng = rand_pcg::Pcg64::seed_from_u64(0);

@@ -204,6 +204,8 @@ pub struct Cuda {
     params: Vec<ParamInfo>,
     /// Whether a parameter was read already in this program.
     read: Vec<bool>,
+    /// Whether the program may have a backward (trainable parameters have gradient slots).
+    training: bool,
     masters: Owned,
     halves: Option<Owned>,
     grads: Option<Owned>,
@@ -221,6 +223,26 @@ impl Cuda {
     /// statistics of `bn` (the model's batch norms, in their index order), allocates the gradient buffer over the
     /// trainable parameters, and starts the program with the gradient zeroing and the f16 refresh.
     pub fn new(gpu: Arc<Gpu>, store: &ParamStore<f32>, bn: &[&BnState<f32>], precision: Precision) -> Result<Self> {
+        Self::build(gpu, store, bn, precision, true)
+    }
+
+    /// As [`Cuda::new`] for a program without backward (an inference tape): no gradient buffer, no zeroing step.
+    pub fn inference(
+        gpu: Arc<Gpu>,
+        store: &ParamStore<f32>,
+        bn: &[&BnState<f32>],
+        precision: Precision,
+    ) -> Result<Self> {
+        Self::build(gpu, store, bn, precision, false)
+    }
+
+    fn build(
+        gpu: Arc<Gpu>,
+        store: &ParamStore<f32>,
+        bn: &[&BnState<f32>],
+        precision: Precision,
+        training: bool,
+    ) -> Result<Self> {
         let blas = Arc::new(Blas::new(&gpu).context("creating the cuBLASLt handle")?);
         let dnn = Arc::new(Dnn::new_strict(&gpu).context("creating the cuDNN handle")?);
         let mut prog = Program::new();
@@ -228,7 +250,7 @@ impl Cuda {
         let (mut params, mut elems, mut grad_elems) = (Vec::with_capacity(store.len()), 0, 0);
         for p in store.iter() {
             let n = p.value.data.len();
-            let slot = p.trainable.then(|| {
+            let slot = (training && p.trainable).then(|| {
                 let s = grad_elems;
                 grad_elems = align_up(grad_elems + n, REGION_ALIGN);
                 s
@@ -289,6 +311,7 @@ impl Cuda {
             prog,
             params,
             read: vec![false; n],
+            training,
             masters,
             halves,
             grads,
@@ -435,6 +458,9 @@ impl Cuda {
             Want::No => GradOut::None,
             Want::Param(id) => match self.slot_view(id) {
                 Some(v) => GradOut::Slot(v),
+                None if !self.training => {
+                    bail!("a backward on an inference backend (Cuda::inference): build it with Cuda::new to train")
+                }
                 None => bail!("parameter {} has no gradient slot (it is frozen)", self.params[id].name),
             },
             Want::Value => GradOut::Fresh(self.alloc(name, shape, DType::F32)),
@@ -620,7 +646,7 @@ impl Backend for Cuda {
             info.shape
         );
         ensure!(
-            p.trainable == info.slot.is_some(),
+            !self.training || p.trainable == info.slot.is_some(),
             "parameter {} was {} when the backend was built and is {} now: build a new backend after freezing",
             p.name,
             if info.slot.is_some() { "trainable" } else { "frozen" },
