@@ -487,3 +487,40 @@ fn loss_backward_scales_by_a_constant_seed() {
     let e = cuda.loss_backward(&saved_d, &x, &l).expect_err("a computed seed must be refused").to_string();
     assert!(e.contains("constant output gradient"), "{e}");
 }
+
+/// Eval-mode logits of full-size B0 on the device in `p` against the CPU f32 reference: relative rms error.
+fn eval_logits_error(p: Precision) -> f64 {
+    let m = model(0, SMALL);
+    let bns: Vec<&BnState<f32>> = m.batch_norms().into_iter().map(|b| &b.state).collect();
+    let backend = Cuda::inference(Arc::new(Gpu::emulated().unwrap()), &m.params, &bns, p).unwrap();
+    let mut tape = Tape::inference_on(backend);
+    let x = tape.backend_mut().input(&images(1, SMALL)).unwrap();
+    let x = tape.input(x);
+    let mut rng = Pcg64::seed_from_u64(0);
+    let logits = m.clone().forward(&mut tape, x, &mut Ctx::eval(&mut rng)).unwrap();
+    let lt = tape.value(logits).clone();
+    let mut backend = tape.into_backend();
+    backend.keep(&lt);
+    backend.run(true).unwrap();
+    let mut cpu = Tape::inference();
+    let xc = cpu.constant(images(1, SMALL));
+    let mut rng = Pcg64::seed_from_u64(0);
+    let want = m.clone().forward(&mut cpu, xc, &mut Ctx::eval(&mut rng)).unwrap();
+    let want: Vec<f64> = cpu.value(want).data.iter().map(|&v| v as f64).collect();
+    let got = backend.download(&lt).unwrap();
+    assert!(got.iter().all(|v| v.is_finite()), "{p:?}: non-finite logits");
+    rms_error_and_cosine(&got, &want).0
+}
+
+/// The f16 path loses no more than f16 storage must: its eval logits' error, in f16 roundings (2^-11), is at
+/// most twice the f32 path's in f32 roundings (2^-24). This network amplifies rounding some hundreds of times
+/// (measured: f32 1.4e-5 = 240 roundings; f16 7.2e-2 = 148 roundings), so a per-element 2e-2 is out of reach for
+/// f16 here, but a wrong f16 kernel, cast or copy would show as far more than twice the f32 path's amplification.
+#[test]
+fn f16_eval_forward_amplifies_rounding_no_more_than_f32() {
+    let (e32, e16) = (eval_logits_error(Precision::F32), eval_logits_error(Precision::F16));
+    let (u32_, u16_) = (2f64.powi(-24), 2f64.powi(-11));
+    eprintln!("eval logits rms error: f32 {e32:.3e} ({:.0} roundings), f16 {e16:.3e} ({:.0})", e32 / u32_, e16 / u16_);
+    assert!(e32 <= 1e-4, "f32 eval logits error {e32:.3e}");
+    assert!(e16 / u16_ <= 2.0 * e32 / u32_, "f16 amplifies its rounding more than f32: {e16:.3e} vs {e32:.3e}");
+}
