@@ -63,17 +63,6 @@ impl Precision {
     }
 }
 
-impl std::str::FromStr for Precision {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "f32" => Ok(Precision::F32),
-            "f16" => Ok(Precision::F16),
-            _ => bail!("precision {s:?}: expected f32 or f16"),
-        }
-    }
-}
-
 /// Element type of a device tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
