@@ -53,6 +53,9 @@ enum Command {
     /// backward, fresh random inputs) on a GPU or, with --device emu, on the emulated device; exits non-zero on any
     /// mismatch or without a usable device.
     Check(derma::tools::check::CheckArgs),
+    /// Record one training step on the emulated device and print its launches, the bytes each reads and writes,
+    /// the arena peak and the bytes moved per image (nothing runs).
+    Plan(cli::plan::PlanArgs),
 }
 
 #[derive(Subcommand)]
@@ -115,9 +118,9 @@ fn load_model(path: &std::path::Path) -> Result<EfficientNet<f32>> {
 }
 
 fn run_forward(a: ForwardArgs) -> Result<()> {
-    cuda::require_cpu_path(a.device, "derma forward")?;
-    if a.precision == Precision::F16 {
-        bail!("--precision f16 needs a CUDA device; the CPU reference computes in f32");
+    let selected = cuda::select(a.device)?;
+    if a.precision == Precision::F16 && selected == cuda::Selected::Cpu {
+        bail!("--precision f16 needs a CUDA device (--device cuda or emu); the CPU reference computes in f32");
     }
     let mut model = load_model(&a.weights)?;
     let inputs = io::load_safetensors(&a.input).with_context(|| format!("reading {}", a.input.display()))?.0;
@@ -131,8 +134,18 @@ fn run_forward(a: ForwardArgs) -> Result<()> {
         LossArg::Focal => LossKind::Focal { gamma: a.gamma },
         LossArg::Ce => LossKind::CrossEntropy,
     };
-    let out = forward::run(&mut model, inputs.entries(), a.mode, &kind)
-        .with_context(|| format!("running {} on {}", a.weights.display(), a.input.display()))?;
+    let out = match selected {
+        cuda::Selected::Cpu => forward::run(&mut model, inputs.entries(), a.mode, &kind),
+        device => {
+            let gpu = std::sync::Arc::new(cuda::Gpu::open(&device)?);
+            let precision = match a.precision {
+                Precision::F32 => derma::backend::cuda::Precision::F32,
+                Precision::F16 => derma::backend::cuda::Precision::F16,
+            };
+            forward::run_device(&mut model, inputs.entries(), a.mode, &kind, gpu, precision)
+        }
+    }
+    .with_context(|| format!("running {} on {}", a.weights.display(), a.input.display()))?;
     io::save_safetensors(&a.output, &out.into_iter().collect(), None)
         .with_context(|| format!("writing {}", a.output.display()))
 }
@@ -186,6 +199,7 @@ fn main() {
         Command::Bench(c) => cli::bench::run_bench(c),
         Command::Check(a) => derma::tools::check::run(&a),
         Command::Weights(c) => cli::weights::run_weights(c),
+        Command::Plan(a) => cli::plan::run_plan(a),
     };
     if let Err(e) = result {
         // A decode stopped by Ctrl-C is no failure: its work is kept and the same command resumes it.

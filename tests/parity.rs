@@ -3,6 +3,8 @@
 //! gradient and every BN's running statistics after the step. Targets: ‖Δ‖/‖ref‖ ≤ 1e-4 for logits, 1e-3 for
 //! each gradient.
 
+use derma::backend::cuda::Precision;
+use derma::cuda::Gpu;
 use derma::io;
 use derma::nn::{EfficientNet, HeadKind};
 use derma::ops::loss::LossKind;
@@ -10,6 +12,7 @@ use derma::tensor::Tensor;
 use derma::tools::forward::{self, Mode};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 fn load(dir: &Path, file: &str) -> HashMap<String, Tensor> {
     io::load_safetensors(&dir.join(file)).unwrap().0.into_entries().into_iter().collect()
@@ -23,20 +26,53 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
     if n > 0.0 { d / n } else { d }
 }
 
+/// How one forward is computed: the CPU reference, or the CUDA backend on the emulated device.
+#[derive(Clone, Copy, Debug)]
+enum Path_ {
+    Cpu,
+    Emu(Precision),
+}
+
+fn forward_on(path: Path_, model: &mut EfficientNet<f32>, inputs: &[(String, Tensor)], mode: Mode) -> forward::Outputs {
+    let kind = LossKind::Focal { gamma: 2.0 };
+    match path {
+        Path_::Cpu => forward::run(model, inputs, mode, &kind).unwrap(),
+        Path_::Emu(p) => {
+            let gpu = Arc::new(Gpu::emulated().unwrap());
+            forward::run_device(model, inputs, mode, &kind, gpu, p).unwrap()
+        }
+    }
+}
+
+/// Relative-error bounds: eval logits; train logits and loss; each gradient (`None`: only checked finite);
+/// each running statistic.
+struct Tols {
+    eval: f64,
+    train_out: f64,
+    grad: Option<f64>,
+    running: f64,
+}
+
+const F32_TOLS: Tols = Tols { eval: 1e-4, train_out: 1e-4, grad: Some(1e-3), running: 1e-3 };
+
 fn check_fixture(name: &str, weights: &str, head: HeadKind) {
+    check_fixture_on(Path_::Cpu, name, weights, head, &F32_TOLS);
+}
+
+fn check_fixture_on(path: Path_, name: &str, weights: &str, head: HeadKind, tols: &Tols) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity").join(name);
     let ckpt = io::load_checkpoint(&dir.join(weights)).unwrap();
     let mut model = EfficientNet::<f32>::from_state_dict(&ckpt.state_dict).unwrap();
     assert_eq!(model.config.head, head);
     let inputs: Vec<(String, Tensor)> = load(&dir, "input.safetensors").into_iter().collect();
 
-    let eval = forward::run(&mut model, &inputs, Mode::Eval, &LossKind::Focal { gamma: 2.0 }).unwrap();
+    let eval = forward_on(path, &mut model, &inputs, Mode::Eval);
     let expected = load(&dir, "expected_eval.safetensors");
     let e = rel(&expected["logits"], &eval[0].1);
-    eprintln!("{name} eval logits rel {e:.2e}");
-    assert!(e <= 1e-4, "eval logits rel error {e}");
+    eprintln!("{name} {path:?} eval logits rel {e:.2e}");
+    assert!(e <= tols.eval, "{path:?}: eval logits rel error {e}");
 
-    let train = forward::run(&mut model, &inputs, Mode::Train, &LossKind::Focal { gamma: 2.0 }).unwrap();
+    let train = forward_on(path, &mut model, &inputs, Mode::Train);
     let got: HashMap<String, Tensor> = train.into_iter().collect();
     let expected = load(&dir, "expected_train.safetensors");
     let mut names: Vec<&String> = expected.keys().collect();
@@ -56,15 +92,22 @@ fn check_fixture(name: &str, weights: &str, head: HeadKind) {
         let err =
             if k.starts_with("grad.") && norm < 1e-5 * grad_scale { rel(x, y) * norm / grad_scale } else { rel(x, y) };
         let tol = match k.as_str() {
-            "logits" | "loss" => 1e-4,
-            _ => 1e-3,
+            "logits" | "loss" => tols.train_out,
+            _ if k.starts_with("grad.") => match tols.grad {
+                Some(t) => t,
+                None => {
+                    assert!(y.to_f64_vec().iter().all(|v| v.is_finite()), "{name} {path:?}: {k} is not finite");
+                    continue;
+                }
+            },
+            _ => tols.running,
         };
-        assert!(err <= tol, "{name}: {k} rel error {err:.3e} > {tol:e}");
+        assert!(err <= tol, "{name} {path:?}: {k} rel error {err:.3e} > {tol:e}");
         if err > worst.0 {
             worst = (err, k.clone());
         }
     }
-    eprintln!("{name} train: worst rel error {:.2e} ({})", worst.0, worst.1);
+    eprintln!("{name} {path:?} train: worst rel error {:.2e} ({})", worst.0, worst.1);
 }
 
 #[test]
@@ -75,4 +118,24 @@ fn parity_seed_checkpoint_narrow() {
 #[test]
 fn parity_torchvision_safetensors_narrow() {
     check_fixture("tv_narrow", "weights.safetensors", HeadKind::Torchvision);
+}
+
+// The same fixtures through the CUDA backend on the emulated device (what `derma forward --device emu` runs).
+#[test]
+fn parity_seed_checkpoint_narrow_emu_f32() {
+    check_fixture_on(Path_::Emu(Precision::F32), "seed_narrow", "weights.pth", HeadKind::Seed, &F32_TOLS);
+}
+
+#[test]
+fn parity_torchvision_safetensors_narrow_emu_f32() {
+    check_fixture_on(Path_::Emu(Precision::F32), "tv_narrow", "weights.safetensors", HeadKind::Torchvision, &F32_TOLS);
+}
+
+/// f16 storage: eval logits measured 6.8e-4 off PyTorch, train logits 2.9e-2 and loss 8.6e-3 (batch-statistics BN
+/// on this small batch amplifies f16 rounding), running statistics 6e-4. Gradients are ~30% off per tensor at this
+/// batch (the same amplification through BN backward): checked finite only.
+#[test]
+fn parity_seed_checkpoint_narrow_emu_f16() {
+    let tols = Tols { eval: 2e-3, train_out: 5e-2, grad: None, running: 2e-3 };
+    check_fixture_on(Path_::Emu(Precision::F16), "seed_narrow", "weights.pth", HeadKind::Seed, &tols);
 }

@@ -24,6 +24,7 @@ use anyhow::Result;
 use rand_pcg::Pcg64;
 
 mod cpu;
+pub mod cuda;
 pub use cpu::{Cpu, CpuBnSaved, CpuMask};
 
 /// What a backward method must produce for one input.

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod bench_data;
 pub mod data;
 pub mod eval;
+pub mod plan;
 pub mod predict;
 pub mod train;
 pub mod weights;

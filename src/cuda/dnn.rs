@@ -211,6 +211,9 @@ enum Backend {
 pub struct Dnn {
     backend: Backend,
     plans: Mutex<HashMap<ConvShape, Arc<Plan>>>,
+    /// f32 convolutions in full f32 (`CUDNN_FMA_MATH`, no TF32 tensor cores): what a backend that must match the
+    /// CPU reference to 1e-5 needs. f16 storage is unaffected.
+    strict_f32: bool,
     /// Held around every call on the handle: cuDNN allows a handle on any thread, but not two calls at once.
     calls: Mutex<()>,
 }
@@ -279,7 +282,14 @@ impl Dnn {
                 Backend::Cuda { handle, _stream: stream.clone() }
             }
         };
-        Ok(Self { backend, plans: Mutex::new(HashMap::new()), calls: Mutex::new(()) })
+        Ok(Self { backend, plans: Mutex::new(HashMap::new()), strict_f32: false, calls: Mutex::new(()) })
+    }
+
+    /// As [`Dnn::new`], but f32 convolutions never use TF32 (`CUDNN_FMA_MATH`): full f32 products.
+    pub fn new_strict(gpu: &Gpu) -> Result<Self> {
+        let mut dnn = Self::new(gpu)?;
+        dnn.strict_f32 = true;
+        Ok(dnn)
     }
 
     fn plan(&self, s: &ConvShape) -> Result<Arc<Plan>> {
@@ -288,7 +298,10 @@ impl Dnn {
         {
             return Ok(plan.clone());
         }
-        let (x, y, w, conv) = descriptors(s)?;
+        let (x, y, w, mut conv) = descriptors(s)?;
+        if self.strict_f32 && !s.half {
+            conv.math = sys::cudnnMathType_t::CUDNN_FMA_MATH;
+        }
         let plan = match &self.backend {
             Backend::Emulated => {
                 let first = |what: &str| anyhow!("the emulated cuDNN has no {what} algorithm for {s:?}");

@@ -1,0 +1,88 @@
+//! `derma plan` and `derma forward --device emu` through the binary.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn derma(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_derma")).args(args).output().unwrap()
+}
+
+fn plan_json(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["plan", "--json"];
+    all.extend_from_slice(args);
+    let out = derma(&all);
+    assert!(out.status.success(), "derma plan failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn plan_reports_bytes_and_the_arena() {
+    let full = plan_json(&["--batch", "4", "--size", "64", "--stage", "0", "--precision", "f32"]);
+    let head = plan_json(&["--batch", "4", "--size", "64", "--stage", "9", "--precision", "f32"]);
+    let half = plan_json(&["--batch", "4", "--size", "64", "--stage", "0", "--precision", "f16"]);
+    let r = &full["report"];
+    let num = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"));
+    assert!(num(r, "arena_bytes") < num(r, "naive_bytes"));
+    assert_eq!(num(r, "moved_bytes"), num(r, "read_bytes") + num(r, "written_bytes"));
+    let steps = r["steps"].as_array().unwrap();
+    assert_eq!(steps.len() as u64, num(r, "step_count"));
+    for name in ["zero gradients", "depthwise", "bn 0 stats", "softmax loss", "conv 3x3 s2 forward (cuDNN)"] {
+        assert!(steps.iter().any(|s| s["name"].as_str().unwrap().contains(name)), "no step named like {name:?}");
+    }
+    // Freezing the backbone drops its backward and its saved activations; f16 storage moves fewer bytes.
+    assert!(num(&head["report"], "step_count") < num(r, "step_count") / 2);
+    assert!(num(&head["report"], "arena_bytes") < num(r, "arena_bytes"));
+    assert!(num(&half["report"], "moved_bytes") < num(r, "moved_bytes"));
+    let per = full["per_image"]["moved_bytes"].as_f64().unwrap();
+    assert!((per * 4.0 - num(r, "moved_bytes") as f64).abs() < 1.0);
+
+    let out = derma(&["plan", "--stage", "10"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--stage 10 is out of range"));
+    let out = derma(&["plan", "--batch", "1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 2 images"));
+}
+
+#[test]
+fn forward_on_the_emulated_device_matches_the_cpu() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/seed_narrow");
+    let tmp = tempfile::tempdir().unwrap();
+    let (weights, input) = (dir.join("weights.pth"), dir.join("input.safetensors"));
+    let run = |device: &str, mode: &str| {
+        let out_path = tmp.path().join(format!("{device}-{mode}.safetensors"));
+        let out = derma(&[
+            "forward",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out_path.to_str().unwrap(),
+            "--mode",
+            mode,
+            "--device",
+            device,
+        ]);
+        assert!(out.status.success(), "forward --device {device}: {}", String::from_utf8_lossy(&out.stderr));
+        derma::io::load_safetensors(&out_path).unwrap().0.into_entries()
+    };
+    for mode in ["eval", "train"] {
+        let (cpu, emu) = (run("cpu", mode), run("emu", mode));
+        assert_eq!(cpu.len(), emu.len(), "{mode}: same outputs");
+        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let grad_scale =
+            cpu.iter().filter(|(k, _)| k.starts_with("grad.")).map(|(_, t)| norm(&t.to_f64_vec())).fold(0.0, f64::max);
+        for ((kc, tc), (ke, te)) in cpu.iter().zip(&emu) {
+            assert_eq!((kc, &tc.shape), (ke, &te.shape));
+            let (a, b) = (tc.to_f64_vec(), te.to_f64_vec());
+            let d = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+            let n = norm(&a);
+            // BN-shift-invariant gradients are zero up to rounding on both sides: judged against the largest.
+            let tol = 2e-3 * if kc.starts_with("grad.") && n < 1e-5 * grad_scale { grad_scale } else { n };
+            assert!(d <= tol, "{mode} {kc}: |cpu - emu| {d:.3e} for |cpu| {n:.3e}");
+        }
+    }
+    let out =
+        derma(&["forward", "--weights", "x", "--input", "y", "--output", "z", "--precision", "f16", "--device", "cpu"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--precision f16 needs a CUDA device"));
+}
