@@ -260,8 +260,7 @@ impl<T: Float> Backend for Cpu<T> {
         let values = match source {
             MaskSource::Host(rng) => dropout::draw_mask(len, p, rng),
             MaskSource::Counter { key } => {
-                let keep = 1.0 - p;
-                let scale = if keep > 0.0 { T::of_f64(1.0 / keep) } else { T::zero() };
+                let scale = dropout::keep_scale::<T>(p);
                 (0..len as u64).map(|i| if counter_keep(key, i, p) { scale } else { T::zero() }).collect()
             }
         };

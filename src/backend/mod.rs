@@ -15,6 +15,7 @@
 //! flat gradient buffer and return `None` for it.
 
 use crate::autograd::{ParamId, ParamStore};
+use crate::cuda::mix64;
 use crate::ops::activation::Act;
 use crate::ops::batchnorm::{BnCfg, BnMode, BnState};
 use crate::ops::conv::ConvGeom;
@@ -70,13 +71,6 @@ pub fn mask_key(seed: u64, epoch: u64, step: u64, layer: u64) -> u64 {
         z = mix64(z ^ mix64(part.wrapping_add(0x9e37_79b9_7f4a_7c15)));
     }
     z
-}
-
-/// splitmix64's finaliser.
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// Whether mask value `index` of key `key` is kept with drop probability `p`: the device kernels' rule

@@ -127,30 +127,14 @@ fn run_cpu(a: CpuArgs) -> Result<()> {
     let forward_eval = time(a.steps, a.batch, || {
         let mut tape = Tape::inference();
         let xv = tape.constant(x.clone());
-        let mut ctx = Ctx {
-            train: false,
-            dropout: false,
-            stochastic_depth: false,
-            frozen_bn_eval: true,
-            rng: &mut rng,
-            counter_masks: None,
-            masks_drawn: 0,
-        };
+        let mut ctx = Ctx::eval(&mut rng);
         model.forward(&mut tape, xv, &mut ctx)?;
         Ok(())
     })?;
     let train_step = time(a.steps, a.batch, || {
         let mut tape = Tape::new();
         let xv = tape.constant(x.clone());
-        let mut ctx = Ctx {
-            train: true,
-            dropout: true,
-            stochastic_depth: true,
-            frozen_bn_eval: true,
-            rng: &mut rng,
-            counter_masks: None,
-            masks_drawn: 0,
-        };
+        let mut ctx = Ctx::train(&mut rng);
         let logits = model.forward(&mut tape, xv, &mut ctx)?;
         let l = loss::loss(&mut tape, logits, &targets, None, &LossKind::CrossEntropy)?;
         model.params.zero_grad();

@@ -75,15 +75,7 @@ fn predict_batch(model: &mut EfficientNet<f32>, images: Vec<f32>, n: usize, size
     let mut tape = Tape::inference();
     let x = tape.constant(Array::new(&[n, size, size, 3], images)?);
     let mut rng = Pcg64::seed_from_u64(0);
-    let mut ctx = Ctx {
-        train: false,
-        dropout: false,
-        stochastic_depth: false,
-        frozen_bn_eval: true,
-        rng: &mut rng,
-        counter_masks: None,
-        masks_drawn: 0,
-    };
+    let mut ctx = Ctx::eval(&mut rng);
     let logits = model.forward(&mut tape, x, &mut ctx)?;
     let probs = softmax_rows(&tape.value(logits).data, classes);
     Ok(probs.chunks(classes).map(<[f64]>::to_vec).collect())

@@ -407,14 +407,16 @@ pub fn select_from(p: &Probe, ordinal: usize) -> std::result::Result<Selected, V
         .ok_or_else(|| vec![format!("no CUDA device {ordinal}")])
 }
 
+/// splitmix64's finaliser (kernels/common.cuh's `mix64`).
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+    z ^ (z >> 31)
+}
+
 /// The counter-based uniform in [0, 1) that the dropout and stochastic-depth kernels use (kernels/common.cuh),
 /// so the CPU side can reproduce a GPU mask bit for bit.
 pub fn uniform01(seed: u64, counter: u64) -> f32 {
-    fn mix64(mut z: u64) -> u64 {
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        z ^ (z >> 31)
-    }
     let z = mix64(seed.wrapping_mul(0x9e3779b97f4a7c15).wrapping_add(mix64(counter.wrapping_add(0x632be59bd9b4e019))));
     (z >> 40) as f32 * (1.0 / 16_777_216.0)
 }

@@ -74,15 +74,7 @@ fn targets_and_alpha(inputs: &[(String, Tensor)], n: usize, classes: usize) -> R
 
 /// The contract's training context: batch statistics everywhere, no dropout, no stochastic depth.
 fn forward_ctx(rng: &mut rand_pcg::Pcg64, train: bool) -> Ctx<'_> {
-    Ctx {
-        train,
-        dropout: false,
-        stochastic_depth: false,
-        frozen_bn_eval: false,
-        rng,
-        counter_masks: None,
-        masks_drawn: 0,
-    }
+    Ctx { train, frozen_bn_eval: false, ..Ctx::eval(rng) }
 }
 
 /// Runs the model as the contract says.

@@ -161,15 +161,7 @@ pub fn evaluate(
         let b = batch.labels.len();
         let mut tape = Tape::inference();
         let x = tape.constant(Array::new(&[b, batch.size, batch.size, 3], batch.images)?);
-        let mut ctx = Ctx {
-            train: false,
-            dropout: false,
-            stochastic_depth: false,
-            frozen_bn_eval: true,
-            rng: &mut rng,
-            counter_masks: None,
-            masks_drawn: 0,
-        };
+        let mut ctx = Ctx::eval(&mut rng);
         let logits = model.forward(&mut tape, x, &mut ctx)?;
         let l = loss::loss(&mut tape, logits, &batch.labels, alpha, kind)?;
         loss_sum += tape.value(l).data[0] as f64 * b as f64;
@@ -350,15 +342,8 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
             let mut rng = step_rng(cfg.seed, epoch, step);
             let mut tape = Tape::new();
             let x = tape.constant(Array::new(&[b, batch.size, batch.size, 3], batch.images)?);
-            let mut ctx = Ctx {
-                train: true,
-                dropout: true,
-                stochastic_depth: true,
-                frozen_bn_eval: cfg.bn_frozen_mode == BnFrozenMode::FrozenEval,
-                rng: &mut rng,
-                counter_masks: None,
-                masks_drawn: 0,
-            };
+            let mut ctx =
+                Ctx { frozen_bn_eval: cfg.bn_frozen_mode == BnFrozenMode::FrozenEval, ..Ctx::train(&mut rng) };
             let logits = model.forward(&mut tape, x, &mut ctx)?;
             let l = loss::loss(&mut tape, logits, &batch.labels, Some(&alpha), &kind)?;
             let lv = tape.value(l).data[0];
