@@ -7,6 +7,11 @@
 //!
 //! The raw allocator is a trait ([`RawAlloc`]): the driver on a GPU, host memory on the emulated device
 //! ([`HostAlloc`]), a fake in the caching logic's tests.
+//!
+//! Graph capture: while a capture is open ([`super::Gpu::capture`]), an allocation from the capturing thread is an
+//! error (a graph bakes in every address it uses, so its buffers must exist before capture), and while any graph
+//! is alive ([`CachePin`]) the cache keeps its memory instead of giving it back to the raw allocator, so the
+//! addresses a graph replays stay this device's memory.
 
 use anyhow::{Result, bail};
 use std::collections::BTreeMap;
@@ -161,6 +166,10 @@ struct Inner {
     free: BTreeMap<usize, Vec<u64>>,
     stats: AllocStats,
     context: String,
+    /// The thread with a graph capture open on this device, if any: its allocations are refused.
+    capturing: Option<std::thread::ThreadId>,
+    /// Live graphs: while nonzero, cached blocks are never freed.
+    pins: usize,
 }
 
 /// The caching allocator. Cheap to clone (shared state).
@@ -256,6 +265,8 @@ impl CachingAllocator {
                 free: BTreeMap::new(),
                 stats: AllocStats::default(),
                 context: String::new(),
+                capturing: None,
+                pins: 0,
             })),
         }
     }
@@ -271,6 +282,14 @@ impl CachingAllocator {
     pub fn alloc(&self, bytes: usize) -> Result<Block> {
         let class = size_class(bytes);
         let Ok(mut g) = self.inner.lock() else { bail!("the device allocator's lock is poisoned (a thread panicked)") };
+        if g.capturing == Some(std::thread::current().id()) {
+            bail!(
+                "a device allocation of {} is {}: the graph would bake in its address; allocate every buffer \
+                 before capturing (run one eager step first, so caches and workspaces exist)",
+                human(bytes),
+                super::device::NOT_IN_CAPTURE
+            );
+        }
         let ptr = if let Some(p) = g.free.get_mut(&class).and_then(|v| v.pop()) {
             g.stats.cached -= class;
             g.stats.reuses += 1;
@@ -286,9 +305,14 @@ impl CachingAllocator {
                         Ok(p) => p,
                         Err(e) => {
                             let ctx = if g.context.is_empty() { String::new() } else { format!(" at {}", g.context) };
+                            let pinned = if g.pins > 0 {
+                                format!(", {} cached by live graphs", human(g.stats.cached))
+                            } else {
+                                String::new()
+                            };
                             bail!(
-                                "CUDA out of memory{ctx}: asked for {} while {} is in use (peak {}); lower the batch \
-                                 size or use fp16 ({e})",
+                                "CUDA out of memory{ctx}: asked for {} while {} is in use (peak {}{pinned}); lower \
+                                 the batch size or use fp16 ({e})",
                                 human(bytes),
                                 human(g.stats.in_use),
                                 human(g.stats.peak_in_use)
@@ -305,7 +329,11 @@ impl CachingAllocator {
         Ok(Block { ptr, class, requested: bytes, pool: self.inner.clone() })
     }
 
+    /// Frees the cached blocks, unless a live graph pins them (it may replay work on their addresses).
     fn release_locked(g: &mut Inner) {
+        if g.pins > 0 {
+            return;
+        }
         let free = std::mem::take(&mut g.free);
         for (_, ptrs) in free {
             for p in ptrs {
@@ -315,7 +343,8 @@ impl CachingAllocator {
         g.stats.cached = 0;
     }
 
-    /// Frees every cached block back to the driver (live blocks are untouched).
+    /// Frees every cached block back to the driver (live blocks are untouched); does nothing while a captured
+    /// graph is alive.
     pub fn release_cached(&self) {
         if let Ok(mut g) = self.inner.lock() {
             Self::release_locked(&mut g);
@@ -333,10 +362,50 @@ impl CachingAllocator {
     pub fn stats(&self) -> AllocStats {
         self.inner.lock().map(|g| g.stats).unwrap_or_default()
     }
+
+    /// Refuses allocations from the calling thread until [`CachingAllocator::end_capture`] (a graph capture is
+    /// open on it).
+    pub(crate) fn begin_capture(&self) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.capturing = Some(std::thread::current().id());
+        }
+    }
+
+    /// Ends what [`CachingAllocator::begin_capture`] began.
+    pub(crate) fn end_capture(&self) {
+        match self.inner.lock() {
+            Ok(mut g) => g.capturing = None,
+            Err(p) => p.into_inner().capturing = None,
+        }
+    }
+
+    /// Keeps the cache's memory allocated (never given back to the raw allocator) while the pin lives; a captured
+    /// graph holds one. The pin also keeps the allocator, and so the device memory, alive.
+    pub fn pin(&self) -> CachePin {
+        if let Ok(mut g) = self.inner.lock() {
+            g.pins += 1;
+        }
+        CachePin { pool: self.inner.clone() }
+    }
+}
+
+/// Holds an allocator's cached memory in place: see [`CachingAllocator::pin`].
+pub struct CachePin {
+    pool: Arc<Mutex<Inner>>,
+}
+
+impl Drop for CachePin {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.pool.lock() {
+            g.pins = g.pins.saturating_sub(1);
+        }
+    }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // Nothing can pin an allocator that is going away (a pin holds it), so this frees.
+        self.pins = 0;
         CachingAllocator::release_locked(self);
     }
 }

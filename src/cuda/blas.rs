@@ -24,6 +24,11 @@
 //! satisfy; a view not aligned to its element size is an error here. The emulated device enforces the same
 //! contract: an algorithm chosen for more alignment than a pointer has fails.
 //!
+//! Graph capture: the workspace is allocated once, in [`Blas::new`], and every call gets all of it, so a captured
+//! call and its replays use the same workspace address and size; the descriptors and the heuristic query are host
+//! work (alpha and beta are read at the call and baked into the launch). On the emulated device a call made while
+//! a capture is open is recorded (same descriptors, algorithm and addresses) and runs at replay.
+//!
 //! UNVERIFIED on hardware: the real path is written against cuBLASLt's documented API and compiled, but has not run
 //! on a GPU; scripts/gpu-check.sh runs `derma check` there.
 
@@ -36,6 +41,7 @@ use std::sync::Arc;
 use super::alloc::Block;
 use super::device::{Gpu, Stream};
 use super::emu::blaslt::{self as emu, Call, Layout, MatmulDesc, Preference, alignment_of};
+use super::emu::graph::EmuStream;
 use super::kernels::{DevSlice, Elem};
 
 /// Shape and options of one GEMM, row-major.
@@ -89,7 +95,8 @@ pub fn lt_call<A: Elem, C: Elem>(g: &Gemm) -> Call {
 /// A cuBLASLt handle, its workspace and stream (GPU), or the emulated library.
 enum Backend {
     Cuda { handle: sys::cublasLtHandle_t, stream: Arc<CudaStream>, workspace: Block },
-    Emulated,
+    /// The emulated library, on the emulated device's stream (which records calls while a capture is open).
+    Emulated(Arc<EmuStream>),
 }
 
 /// cuBLASLt on one device.
@@ -145,8 +152,9 @@ impl Blas {
     /// as NVIDIA recommends). On a GPU, call only after [`super::probe`] reported cuBLASLt present: cudarc panics
     /// when the library cannot be loaded.
     pub fn new(gpu: &Gpu) -> Result<Self> {
-        let Stream::Cuda(stream) = &gpu.stream else {
-            return Ok(Self { backend: Backend::Emulated });
+        let stream = match &gpu.stream {
+            Stream::Cuda(s) => s,
+            Stream::Emulated(e) => return Ok(Self { backend: Backend::Emulated(e.clone()) }),
         };
         let bytes = if gpu.info.compute_capability.0 >= 9 { 32 << 20 } else { 4 << 20 };
         let workspace = gpu.alloc.alloc(bytes)?;
@@ -205,15 +213,23 @@ impl Blas {
             format!("[{m}x{k}]x[{k}x{n}] {} -> {}", A::SUFFIX, C::SUFFIX)
         };
         match &self.backend {
-            Backend::Emulated => {
+            Backend::Emulated(stream) => {
                 let pref = Preference { max_workspace: 0, min_alignment: ptrs.map(alignment_of) };
                 let algo = emu::heuristic(&call, &pref).map_err(|e| e.context(format!("GEMM {shape}")))?;
                 let p =
                     emu::Pointers { a: ptrs[0], b: ptrs[1], c: ptrs[2], d: ptrs[3], workspace: 0, workspace_bytes: 0 };
-                // SAFETY: on the emulated device, device addresses are host addresses of live blocks the caller
-                // borrows; every operand covers its layout (checked above: the layouts are packed, extent m·k,
-                // k·n and m·n).
-                unsafe { emu::matmul(&call, &algo, alpha, beta, p) }.map_err(|e| e.context(format!("GEMM {shape}")))
+                let what = shape.clone();
+                stream.call(
+                    || format!("cuBLASLt GEMM {what}"),
+                    move || {
+                        // SAFETY: on the emulated device, device addresses are host addresses of blocks the caller
+                        // borrows; every operand covers its layout (checked above: the layouts are packed, extent
+                        // m·k, k·n and m·n). A replay addresses the same memory, which a live graph keeps
+                        // allocated (it pins the allocator's cache).
+                        unsafe { emu::matmul(&call, &algo, alpha, beta, p) }
+                            .map_err(|e| e.context(format!("GEMM {shape}")))
+                    },
+                )
             }
             Backend::Cuda { handle, stream, workspace } => {
                 let ws = DevSlice::of(workspace);

@@ -5,12 +5,18 @@
 //! On the emulated device, device addresses are host addresses: memory is 256-byte aligned host allocations (as
 //! cudaMalloc aligns) behind the same [`super::alloc::RawAlloc`] trait, copies are memcpy, and a launch runs to
 //! completion on the calling thread, so streams are ordered by construction and `sync` has nothing to wait for.
+//!
+//! On a GPU every launch, fill and copy goes to one non-default stream (stream capture, [`Gpu::capture`], is not
+//! allowed on the legacy default stream). Fills and device-to-device copies are asynchronous on it, so a capture
+//! records them; host-to-device and device-to-host copies are ordered on it and wait for it, so the host buffer is
+//! free when they return.
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use cudarc::driver::{CudaContext, CudaStream, DeviceRepr};
 use std::sync::Arc;
 
 use super::alloc::{Block, CachingAllocator, DriverAlloc, HostAlloc};
+use super::emu::graph::EmuStream;
 use super::emu::sys as emu_sys;
 use super::kernels::Kernels;
 use super::{GpuInfo, Selected};
@@ -18,10 +24,11 @@ use super::{GpuInfo, Selected};
 /// Where kernel launches and copies go.
 #[derive(Clone)]
 pub enum Stream {
-    /// A CUDA stream of a real device.
+    /// A CUDA stream of a real device (a non-default one: see the module docs).
     Cuda(Arc<CudaStream>),
-    /// The emulated device: every launch runs to completion when it is made.
-    Emulated,
+    /// The emulated device: every launch runs to completion when it is made, except while a capture is open on
+    /// the stream, which records it instead.
+    Emulated(Arc<EmuStream>),
 }
 
 impl Stream {
@@ -29,10 +36,33 @@ impl Stream {
     pub fn cuda(&self, what: &str) -> Result<&Arc<CudaStream>> {
         match self {
             Self::Cuda(s) => Ok(s),
-            Self::Emulated => bail!("{what} needs a CUDA GPU; the emulated device has no CUDA stream"),
+            Self::Emulated(_) => bail!("{what} needs a CUDA GPU; the emulated device has no CUDA stream"),
         }
     }
+
+    /// Whether a graph capture is open on this stream (on a GPU: the driver's capture status, so a capture begun
+    /// by other code counts too; an invalidated capture counts until it is ended).
+    pub fn is_capturing(&self) -> bool {
+        match self {
+            Self::Cuda(s) => cuda_capturing(s),
+            Self::Emulated(e) => e.is_capturing(),
+        }
+    }
+
+    /// An error saying that `what` is not allowed during graph capture, and why, when a capture is open.
+    pub(crate) fn refuse_in_capture(&self, what: &str, why: &str) -> Result<()> {
+        ensure!(!self.is_capturing(), "{what} is {NOT_IN_CAPTURE}: {why}");
+        Ok(())
+    }
 }
+
+/// Whether a capture is open on the CUDA stream `s` (active, or invalidated and not yet ended).
+pub(crate) fn cuda_capturing(s: &CudaStream) -> bool {
+    s.capture_status().is_ok_and(|st| st != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+}
+
+/// The words every refusal inside a capture uses (tests and callers can match on them).
+pub const NOT_IN_CAPTURE: &str = "not allowed during graph capture";
 
 /// SMs the emulated device reports. Grid-stride launches size their grids from the SM count, so a small count
 /// makes modest inputs wrap the grid several times (the loops' second and later passes get exercised) while a
@@ -80,8 +110,8 @@ impl Schedule {
     }
 }
 
-/// An opened device. On a GPU, work goes to the legacy default stream, so the synchronous copies below are
-/// ordered with the kernels without extra events.
+/// An opened device. On a GPU, work goes to one non-default stream of its own; the copies below are ordered on
+/// it, so they need no extra events.
 pub struct Gpu {
     /// The device as probed (for the emulated device: a description of it).
     pub info: GpuInfo,
@@ -103,7 +133,9 @@ impl Gpu {
         };
         let ctx = CudaContext::new(info.ordinal)
             .map_err(|e| anyhow!("creating a context on cuda:{}: {e:?}", info.ordinal))?;
-        let stream = ctx.default_stream();
+        // A stream of its own, not the legacy default stream, which cannot be captured into a graph.
+        let stream =
+            ctx.new_stream().map_err(|e| anyhow!("creating a stream on cuda:{}: {e:?}", info.ordinal))?;
         let kernels = Kernels::load(&ctx).with_context(|| format!("loading kernels on cuda:{}", info.ordinal))?;
         let alloc = CachingAllocator::new(Box::new(DriverAlloc::new(ctx.clone())));
         Ok(Self { info: info.clone(), stream: Stream::Cuda(stream), kernels, alloc })
@@ -132,12 +164,13 @@ impl Gpu {
             kernels_run: true,
         };
         let raw = capacity.map_or_else(HostAlloc::new, HostAlloc::with_capacity);
-        Ok(Self { info, stream: Stream::Emulated, kernels, alloc: CachingAllocator::new(Box::new(raw)) })
+        let stream = Stream::Emulated(Arc::new(EmuStream::new()));
+        Ok(Self { info, stream, kernels, alloc: CachingAllocator::new(Box::new(raw)) })
     }
 
     /// Whether this is the emulated device.
     pub fn is_emulated(&self) -> bool {
-        matches!(self.stream, Stream::Emulated)
+        matches!(self.stream, Stream::Emulated(_))
     }
 
     /// Sets the emulated thread and block order for launches made from the calling thread. An error on a GPU,
@@ -160,8 +193,14 @@ impl Gpu {
         Ok(b)
     }
 
-    /// Copies `host` into `block` at byte `offset`.
+    /// Copies `host` into `block` at byte `offset`; returns when `host` may be reused (on a GPU, after the copy,
+    /// which is ordered after the work queued before it). Not allowed during a graph capture.
     pub fn write<T: DeviceRepr>(&self, block: &Block, offset: usize, host: &[T]) -> Result<()> {
+        self.stream.refuse_in_capture(
+            "a host-to-device copy (Gpu::write or upload)",
+            "the graph would bake in the host buffer's address and copy it at every replay; write inputs in place \
+             before capturing, or between replays",
+        )?;
         let bytes = size_of_val(host);
         ensure!(
             offset.checked_add(bytes).is_some_and(|e| e <= block.len_bytes()),
@@ -172,12 +211,13 @@ impl Gpu {
         match &self.stream {
             Stream::Cuda(s) => {
                 s.context().bind_to_thread().map_err(|e| anyhow!("{e:?}"))?;
-                // SAFETY: the block holds offset + bytes bytes (checked above); the copy is ordered on the legacy
-                // stream.
-                unsafe { cudarc::driver::result::memcpy_htod_sync(dst, host) }
-                    .map_err(|e| anyhow!("host-to-device copy: {e:?}"))
+                // SAFETY: the block holds offset + bytes bytes (checked above); the copy is ordered on the stream,
+                // and `host` stays borrowed until the stream has finished it (the synchronize below).
+                unsafe { cudarc::driver::result::memcpy_htod_async(dst, host, s.cu_stream()) }
+                    .map_err(|e| anyhow!("host-to-device copy: {e:?}"))?;
+                s.synchronize().map_err(|e| anyhow!("host-to-device copy (waiting for the stream): {e:?}"))
             }
-            Stream::Emulated => {
+            Stream::Emulated(_) => {
                 // SAFETY: emulated device addresses are host allocations; the block holds offset + bytes bytes
                 // (checked above) and does not overlap `host`, which Rust owns separately.
                 unsafe { std::ptr::copy_nonoverlapping(host.as_ptr().cast::<u8>(), dst as *mut u8, bytes) };
@@ -186,24 +226,16 @@ impl Gpu {
         }
     }
 
-    /// A block of `bytes` filled with zero bytes.
+    /// A block of `bytes` filled with zero bytes (the fill is ordered on the stream).
     pub fn zeros(&self, bytes: usize) -> Result<Block> {
         let b = self.alloc.alloc(bytes.max(1))?;
-        match &self.stream {
-            Stream::Cuda(s) => {
-                s.context().bind_to_thread().map_err(|e| anyhow!("{e:?}"))?;
-                // SAFETY: the block holds at least `bytes` bytes.
-                unsafe { cudarc::driver::result::memset_d8_sync(b.addr(), 0, bytes.max(1)) }
-                    .map_err(|e| anyhow!("memset: {e:?}"))?;
-            }
-            // SAFETY: the block is a host allocation of at least `bytes` bytes.
-            Stream::Emulated => unsafe { std::ptr::write_bytes(b.addr() as *mut u8, 0, bytes.max(1)) },
-        }
+        self.fill(&b, 0, bytes.max(1), 0)?;
         Ok(b)
     }
 
     /// Sets `bytes` bytes of `block` from byte `offset` to `value`, on the device (no host buffer of that size):
-    /// e.g. 0xFF, a NaN in f32 and f16, to poison memory so a read of something never written shows.
+    /// e.g. 0xFF, a NaN in f32 and f16, to poison memory so a read of something never written shows. Ordered on
+    /// the stream; a graph capture records it.
     pub fn fill(&self, block: &Block, offset: usize, bytes: usize, value: u8) -> Result<()> {
         ensure!(
             offset.checked_add(bytes).is_some_and(|e| e <= block.len_bytes()),
@@ -217,17 +249,21 @@ impl Gpu {
         match &self.stream {
             Stream::Cuda(s) => {
                 s.context().bind_to_thread().map_err(|e| anyhow!("{e:?}"))?;
-                // SAFETY: the block holds offset + bytes bytes (checked above); the memset is ordered on the legacy
-                // stream.
-                unsafe { cudarc::driver::result::memset_d8_sync(dst, value, bytes) }
+                // SAFETY: the block holds offset + bytes bytes (checked above); the memset is ordered on the
+                // stream, behind the work that may still use the block.
+                unsafe { cudarc::driver::result::memset_d8_async(dst, value, bytes, s.cu_stream()) }
                     .map_err(|e| anyhow!("memset: {e:?}"))
             }
-            Stream::Emulated => {
-                // SAFETY: emulated device addresses are host allocations; the block holds offset + bytes bytes
-                // (checked above).
-                unsafe { std::ptr::write_bytes(dst as *mut u8, value, bytes) };
-                Ok(())
-            }
+            Stream::Emulated(e) => e.call(
+                || format!("a fill of {bytes} bytes with {value:#04x} at {dst:#x}"),
+                move || {
+                    // SAFETY: emulated device addresses are host allocations; the block held offset + bytes bytes
+                    // when the fill was issued (checked above), and a replayed fill addresses the same memory,
+                    // which a live graph keeps allocated (it pins the allocator's cache).
+                    unsafe { std::ptr::write_bytes(dst as *mut u8, value, bytes) };
+                    Ok(())
+                },
+            ),
         }
     }
 
@@ -238,8 +274,14 @@ impl Gpu {
         Ok(out)
     }
 
-    /// Waits for queued work, then fills `out` from `block` starting at byte `offset`.
+    /// Waits for queued work, then fills `out` from `block` starting at byte `offset`. Not allowed during a graph
+    /// capture.
     pub fn read<T: DeviceRepr>(&self, block: &Block, offset: usize, out: &mut [T]) -> Result<()> {
+        self.stream.refuse_in_capture(
+            "a device-to-host copy (Gpu::read or download)",
+            "captured work does not run until the graph is replayed, and on CUDA the wait would break the capture; \
+             read results after Graph::replay",
+        )?;
         let bytes = size_of_val(out);
         ensure!(
             offset.checked_add(bytes).is_some_and(|e| e <= block.len_bytes()),
@@ -249,10 +291,14 @@ impl Gpu {
         self.sync()?;
         let src = block.addr() + offset as u64;
         match &self.stream {
-            // SAFETY: the block holds offset + bytes bytes (checked above) and all work on it has finished.
-            Stream::Cuda(_) => unsafe { cudarc::driver::result::memcpy_dtoh_sync(out, src) }
-                .map_err(|e| anyhow!("device-to-host copy: {e:?}")),
-            Stream::Emulated => {
+            Stream::Cuda(s) => {
+                // SAFETY: the block holds offset + bytes bytes (checked above) and all work on it has finished;
+                // `out` stays borrowed until the copy has (the synchronize below).
+                unsafe { cudarc::driver::result::memcpy_dtoh_async(out, src, s.cu_stream()) }
+                    .map_err(|e| anyhow!("device-to-host copy: {e:?}"))?;
+                s.synchronize().map_err(|e| anyhow!("device-to-host copy (waiting for the stream): {e:?}"))
+            }
+            Stream::Emulated(_) => {
                 // SAFETY: as in `write`, in the other direction; every launch has already run to completion.
                 unsafe { std::ptr::copy_nonoverlapping(src as *const u8, out.as_mut_ptr().cast::<u8>(), bytes) };
                 Ok(())
@@ -261,6 +307,7 @@ impl Gpu {
     }
 
     /// Copies `bytes` from `src` to `dst` on the device (the ranges are distinct blocks, so they do not overlap).
+    /// Ordered on the stream; a graph capture records it.
     pub fn copy(&self, dst: &Block, src: &Block, bytes: usize) -> Result<()> {
         ensure!(
             bytes <= dst.len_bytes() && bytes <= src.len_bytes(),
@@ -272,25 +319,45 @@ impl Gpu {
         match &self.stream {
             Stream::Cuda(s) => {
                 s.context().bind_to_thread().map_err(|e| anyhow!("{e:?}"))?;
-                // SAFETY: both blocks hold `bytes` bytes (checked above) and, being distinct blocks, do not overlap.
-                unsafe { cudarc::driver::result::memcpy_dtod_sync(dst.addr(), src.addr(), bytes) }
+                // SAFETY: both blocks hold `bytes` bytes (checked above) and, being distinct blocks, do not overlap;
+                // the copy is ordered on the stream.
+                unsafe { cudarc::driver::result::memcpy_dtod_async(dst.addr(), src.addr(), bytes, s.cu_stream()) }
                     .map_err(|e| anyhow!("device-to-device copy: {e:?}"))
             }
-            Stream::Emulated => {
-                // SAFETY: as above; both are host allocations.
-                unsafe { std::ptr::copy_nonoverlapping(src.addr() as *const u8, dst.addr() as *mut u8, bytes) };
-                Ok(())
+            Stream::Emulated(e) => {
+                let (d, s) = (dst.addr(), src.addr());
+                e.call(
+                    || format!("a device copy of {bytes} bytes from {s:#x} to {d:#x}"),
+                    move || {
+                        // SAFETY: as above; both are host allocations, which a live graph keeps allocated when
+                        // the copy is replayed (it pins the allocator's cache).
+                        unsafe { std::ptr::copy_nonoverlapping(s as *const u8, d as *mut u8, bytes) };
+                        Ok(())
+                    },
+                )
             }
         }
     }
 
     /// Waits for every launch so far; surfaces asynchronous kernel errors. Nothing to wait for on the emulated
-    /// device, where a launch returns its error when it is made.
+    /// device, where a launch returns its error when it is made. Not allowed during a graph capture.
     pub fn sync(&self) -> Result<()> {
+        self.stream.refuse_in_capture(
+            "a stream sync (Gpu::sync)",
+            "captured work does not run until the graph is replayed, and on CUDA a sync would break the capture; \
+             sync after Graph::replay",
+        )?;
         match &self.stream {
             Stream::Cuda(s) => s.synchronize().map_err(|e| anyhow!("CUDA error while running kernels: {e:?}")),
-            Stream::Emulated => Ok(()),
+            Stream::Emulated(_) => Ok(()),
         }
+    }
+
+    /// Device allocations made so far by this device's allocator: every successful alloc call, cache hits
+    /// included (a replayed graph makes none).
+    pub fn allocations(&self) -> u64 {
+        let s = self.alloc.stats();
+        s.raw_allocs + s.reuses
     }
 }
 

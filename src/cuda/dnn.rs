@@ -11,6 +11,12 @@
 //! `CUDNN_DEFAULT_MATH` runs under it, not under the tensor-op math another pass chose. The workspace comes from
 //! the caller ([`Dnn::workspace_bytes`]).
 //!
+//! Graph capture: a call made while a capture is open on the device's stream is captured (on the emulated device,
+//! recorded with the same descriptors, algorithm and addresses, and run at replay); it allocates nothing, as the
+//! workspace is the caller's. Find is not capturable (it runs and times candidates, allocating its own scratch),
+//! so a shape first seen inside a capture is an error: run the step once eagerly before capturing, which plans
+//! every shape it uses.
+//!
 //! Precision: for f32 storage the math types Find may return (default or tensor-op) allow TF32 tensor cores, so
 //! `derma check` judges cuDNN in f32 at 5e-3; the emulated device rounds every input to TF32 under those math types
 //! (the worst they allow) so that tolerance is tested.
@@ -27,6 +33,7 @@ use std::sync::{Arc, Mutex};
 
 use super::device::{Gpu, Stream};
 use super::emu::cudnn::{self as emu, Buf, ConvDesc, FilterDesc, TensorDesc};
+use super::emu::graph::EmuStream;
 use super::kernels::{DevSlice, Elem};
 
 /// Shape of one 2-D convolution, NHWC.
@@ -203,8 +210,19 @@ impl Plan {
 }
 
 enum Backend {
-    Cuda { handle: sys::cudnnHandle_t, _stream: Arc<CudaStream> },
-    Emulated,
+    Cuda { handle: sys::cudnnHandle_t, stream: Arc<CudaStream> },
+    /// The emulated library, on the emulated device's stream (which records calls while a capture is open).
+    Emulated(Arc<EmuStream>),
+}
+
+impl Backend {
+    /// Whether a graph capture is open on the stream the calls go to.
+    fn capturing(&self) -> bool {
+        match self {
+            Self::Cuda { stream, .. } => super::device::cuda_capturing(stream),
+            Self::Emulated(e) => e.is_capturing(),
+        }
+    }
 }
 
 /// cuDNN on one device, with a per-shape plan cache.
@@ -273,13 +291,13 @@ impl Dnn {
     /// [`super::probe`] reported cuDNN present: cudarc panics when the library cannot be loaded.
     pub fn new(gpu: &Gpu) -> Result<Self> {
         let backend = match &gpu.stream {
-            Stream::Emulated => Backend::Emulated,
+            Stream::Emulated(e) => Backend::Emulated(e.clone()),
             Stream::Cuda(stream) => {
                 let handle = result::create_handle().map_err(|e| anyhow!("creating the cuDNN handle: {e:?}"))?;
                 // SAFETY: handle is fresh; the stream outlives it (kept in the backend).
                 unsafe { result::set_stream(handle, stream.cu_stream() as _) }
                     .map_err(|e| anyhow!("binding cuDNN to the stream: {e:?}"))?;
-                Backend::Cuda { handle, _stream: stream.clone() }
+                Backend::Cuda { handle, stream: stream.clone() }
             }
         };
         Ok(Self { backend, plans: Mutex::new(HashMap::new()), strict_f32: false, calls: Mutex::new(()) })
@@ -298,12 +316,18 @@ impl Dnn {
         {
             return Ok(plan.clone());
         }
+        ensure!(
+            !self.backend.capturing(),
+            "cuDNN algorithm search (Find) for conv {s:?} is {}: it runs and times candidate algorithms and \
+             allocates scratch memory; run the first step eagerly before capturing, so every shape it uses is planned",
+            super::device::NOT_IN_CAPTURE
+        );
         let (x, y, w, mut conv) = descriptors(s)?;
         if self.strict_f32 && !s.half {
             conv.math = sys::cudnnMathType_t::CUDNN_FMA_MATH;
         }
         let plan = match &self.backend {
-            Backend::Emulated => {
+            Backend::Emulated(_) => {
                 let first = |what: &str| anyhow!("the emulated cuDNN has no {what} algorithm for {s:?}");
                 let f = *emu::find_forward(&x, &w, &conv, &y)?.first().ok_or_else(|| first("forward"))?;
                 let d = *emu::find_backward_data(&w, &y, &conv, &x)?.first().ok_or_else(|| first("backward-data"))?;
@@ -472,26 +496,20 @@ impl Dnn {
         );
         ensure!(ws.len_bytes() >= p.fwd.memory, "conv forward workspace {} < {} bytes", ws.len_bytes(), p.fwd.memory);
         let (alpha, beta) = (1f32, 0f32);
-        if matches!(self.backend, Backend::Emulated) {
-            let conv = p.conv_for(Pass::Forward);
-            // SAFETY: on the emulated device, device addresses are host addresses of live blocks the caller
-            // borrows, each at least as long as its descriptor needs (checked above).
-            return unsafe {
-                emu::convolution_forward(
-                    alpha,
-                    &p.x,
-                    buf(x),
-                    &p.w,
-                    buf(w),
-                    &conv,
-                    p.fwd.algo,
-                    buf(ws),
-                    beta,
-                    &p.y,
-                    buf(y),
-                )
-            }
-            .map_err(|e| e.context(format!("conv forward {s:?}")));
+        if let Backend::Emulated(stream) = &self.backend {
+            let (conv, s) = (p.conv_for(Pass::Forward), *s);
+            let (xd, wd, yd, algo) = (p.x, p.w, p.y, p.fwd.algo);
+            let (x, w, ws, y) = (buf(x), buf(w), buf(ws), buf(y));
+            return stream.call(
+                || format!("cuDNN conv forward {s:?}"),
+                move || {
+                    // SAFETY: on the emulated device, device addresses are host addresses of blocks the caller
+                    // borrows, each at least as long as its descriptor needs (checked above). A replay addresses
+                    // the same memory, which a live graph keeps allocated (it pins the allocator's cache).
+                    unsafe { emu::convolution_forward(alpha, &xd, x, &wd, w, &conv, algo, ws, beta, &yd, y) }
+                        .map_err(|e| e.context(format!("conv forward {s:?}")))
+                },
+            );
         }
         let (handle, r) = self.real(&p)?;
         let _held = self.calls.lock().map_err(|_| anyhow!("a cuDNN call panicked earlier"))?;
@@ -538,25 +556,18 @@ impl Dnn {
             p.bwd_data.memory
         );
         let (alpha, beta) = (1f32, 0f32);
-        if matches!(self.backend, Backend::Emulated) {
-            let conv = p.conv_for(Pass::BackwardData);
-            // SAFETY: as in forward.
-            return unsafe {
-                emu::convolution_backward_data(
-                    alpha,
-                    &p.w,
-                    buf(w),
-                    &p.y,
-                    buf(dy),
-                    &conv,
-                    p.bwd_data.algo,
-                    buf(ws),
-                    beta,
-                    &p.x,
-                    buf(dx),
-                )
-            }
-            .map_err(|e| e.context(format!("conv backward data {s:?}")));
+        if let Backend::Emulated(stream) = &self.backend {
+            let (conv, s) = (p.conv_for(Pass::BackwardData), *s);
+            let (xd, wd, yd, algo) = (p.x, p.w, p.y, p.bwd_data.algo);
+            let (w, dy, ws, dx) = (buf(w), buf(dy), buf(ws), buf(dx));
+            return stream.call(
+                || format!("cuDNN conv backward data {s:?}"),
+                move || {
+                    // SAFETY: as in forward.
+                    unsafe { emu::convolution_backward_data(alpha, &wd, w, &yd, dy, &conv, algo, ws, beta, &xd, dx) }
+                        .map_err(|e| e.context(format!("conv backward data {s:?}")))
+                },
+            );
         }
         let (handle, r) = self.real(&p)?;
         let _held = self.calls.lock().map_err(|_| anyhow!("a cuDNN call panicked earlier"))?;
@@ -605,25 +616,20 @@ impl Dnn {
             p.bwd_filter.memory
         );
         let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
-        if matches!(self.backend, Backend::Emulated) {
-            let conv = p.conv_for(Pass::BackwardFilter);
-            // SAFETY: as in forward.
-            return unsafe {
-                emu::convolution_backward_filter(
-                    alpha,
-                    &p.x,
-                    buf(x),
-                    &p.y,
-                    buf(dy),
-                    &conv,
-                    p.bwd_filter.algo,
-                    buf(ws),
-                    beta,
-                    &p.w,
-                    buf(dw),
-                )
-            }
-            .map_err(|e| e.context(format!("conv backward filter {s:?}")));
+        if let Backend::Emulated(stream) = &self.backend {
+            let (conv, s) = (p.conv_for(Pass::BackwardFilter), *s);
+            let (xd, wd, yd, algo) = (p.x, p.w, p.y, p.bwd_filter.algo);
+            let (x, dy, ws, dw) = (buf(x), buf(dy), buf(ws), buf(dw));
+            return stream.call(
+                || format!("cuDNN conv backward filter {s:?}"),
+                move || {
+                    // SAFETY: as in forward.
+                    unsafe {
+                        emu::convolution_backward_filter(alpha, &xd, x, &yd, dy, &conv, algo, ws, beta, &wd, dw)
+                    }
+                    .map_err(|e| e.context(format!("conv backward filter {s:?}")))
+                },
+            );
         }
         let (handle, r) = self.real(&p)?;
         let _held = self.calls.lock().map_err(|_| anyhow!("a cuDNN call panicked earlier"))?;

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use super::alloc::Block;
 use super::build_info;
 use super::device::{EMULATED_SMS, Stream};
+use super::emu::graph::{KernelNode, Node};
 use super::emu::sys as emu_sys;
 
 /// Storage element types the kernels are instantiated for.
@@ -176,23 +177,31 @@ impl Entry {
 pub struct Launch<'a> {
     entry: &'a Entry,
     args: Vec<*mut c_void>,
+    /// Bytes of each argument (the emulated device copies the pack when a capture records the launch).
+    sizes: Vec<usize>,
     _values: PhantomData<&'a ()>,
 }
 
 impl<'a> Launch<'a> {
     /// A launch of `entry` with no arguments yet.
     pub fn new(entry: &'a Entry) -> Self {
-        Self { entry, args: Vec::with_capacity(12), _values: PhantomData }
+        Self { entry, args: Vec::with_capacity(12), sizes: Vec::with_capacity(12), _values: PhantomData }
     }
 
     /// Appends the next parameter.
     pub fn arg<T: KernelArg>(mut self, value: &'a T) -> Self {
+        // A recorded pack keeps each value at an 8-byte boundary; every kernel parameter type (C scalars, device
+        // pointers, structs of them) is aligned to at most 8.
+        const { assert!(align_of::<T>() <= 8, "kernel arguments are aligned to at most 8 bytes") };
         self.args.push((value as *const T).cast_mut().cast::<c_void>());
+        self.sizes.push(size_of::<T>());
         self
     }
 
     /// Launches on `stream` with shape `cfg`: queued on a GPU, run to completion on the emulated device (where a
-    /// deadlock, divergent barrier, bad shuffle or a shape CUDA would refuse comes back as the error).
+    /// deadlock, divergent barrier, bad shuffle or a shape CUDA would refuse comes back as the error). While a
+    /// graph capture is open on the stream, the launch is captured instead of run: on a GPU by the driver's stream
+    /// capture, on the emulated device by recording the entry point, the shape and a copy of the argument pack.
     ///
     /// # Safety
     /// The arguments match the kernel's parameters in number, order and type, and every device address among them
@@ -217,8 +226,14 @@ impl<'a> Launch<'a> {
                 }
                 .map_err(|e| anyhow!("launching {name} ({family}.cu, {}): {e:?}", shape()))
             }
-            // SAFETY: as above; on the emulated device the addresses are host memory the blocks own.
-            (None, Stream::Emulated) => {
+            (None, Stream::Emulated(e)) => {
+                let shape3 = (cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes);
+                // SAFETY: each argument pointer borrows a live value of its recorded size (pushed by `arg`).
+                let make = || unsafe { KernelNode::new(name, family, shape3, &self.args, &self.sizes) }.map(Node::Kernel);
+                if e.record(make)? {
+                    return Ok(());
+                }
+                // SAFETY: as above; on the emulated device the addresses are host memory the blocks own.
                 unsafe { emu_sys::launch(name, cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes, &mut self.args) }
                     .with_context(|| format!("{name} ({family}.cu, {}) on the emulated device", shape()))
             }

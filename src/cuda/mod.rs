@@ -1,7 +1,8 @@
 //! The CUDA side: device requests (`--device auto|cpu|cuda|cuda:N|emu`), a driver probe that never panics on a
 //! machine without CUDA, the kernel images embedded at build time, a caching device allocator, and thin cuBLASLt /
 //! cuDNN wrappers. The emulated device (`emu`) runs the same kernels, compiled for the host, on the CPU behind the
-//! same launch path: a test device, so every kernel runs on every machine.
+//! same launch path: a test device, so every kernel runs on every machine. Work issued on a device's stream can be
+//! captured into a [`Graph`] once and replayed ([`Gpu::capture`]).
 //!
 //! Everything CUDA is loaded at run time (cudarc's `dynamic-loading`): the binary builds and runs on machines
 //! without a GPU, a driver or a toolkit. [`probe`] checks that each shared library can be opened before any other
@@ -13,10 +14,12 @@ pub mod cli;
 pub mod device;
 pub mod dnn;
 pub mod emu;
+pub mod graph;
 pub mod kernels;
 pub mod program;
 
 pub use device::{Gpu, Schedule};
+pub use graph::Graph;
 
 use anyhow::{Result, bail};
 use std::fmt;

@@ -29,6 +29,7 @@
 
 pub mod blaslt;
 pub mod cudnn;
+pub mod graph;
 pub mod sys;
 
 /// Fresh random inputs for the emulator's tests: a seed from the clock (or `DERMA_TEST_SEED`), printed so a
