@@ -7,6 +7,8 @@
 //             -> ~0.5 flop/B: bandwidth bound; EfficientNet-B0's 5.3 M parameters are ~150 MB per step, ~50 us
 //             at 3 TB/s. One launch over the flat buffer instead of one per tensor (the multi-tensor trick).
 // Both skip all work when *found_inf is set (the step is skipped, as torch's GradScaler does).
+#include <stddef.h>
+
 #include "common.cuh"
 
 using namespace derma;
@@ -148,6 +150,15 @@ struct AdamHyper {
     double eps;
     double weight_decay;
 };
+
+// The Rust mirrors' layout tests pin the same numbers.
+static_assert(sizeof(ScalerState) == 16 && offsetof(ScalerState, found_inf) == 8 && offsetof(ScalerState, skipped) == 12,
+              "ScalerState layout");
+static_assert(sizeof(AdamEntry) == 24 && offsetof(AdamEntry, len) == 8 && offsetof(AdamEntry, group) == 16,
+              "AdamEntry layout");
+static_assert(sizeof(AdamCoeffs) == 32 && offsetof(AdamCoeffs, bc2_sqrt) == 16 && offsetof(AdamCoeffs, eps) == 24,
+              "AdamCoeffs layout");
+static_assert(sizeof(AdamHyper) == 32 && offsetof(AdamHyper, weight_decay) == 24, "AdamHyper layout");
 
 // f64 multiply and subtract that are never fused into an FMA (on the host build the compiler does not contract).
 __device__ __forceinline__ double mul_f64_rn(double a, double b) {
