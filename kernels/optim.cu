@@ -255,9 +255,9 @@ __device__ __forceinline__ void adamw_exact(float& p, float g, float& m, float& 
 // of per-tensor launches).
 // Returns at once when state->found_inf. Element i uses coeffs[chunk_param[i / 64]]; a chunk marked -1 (or with an
 // index outside [0, params)) is left untouched. Padding inside a parameter's last chunk is updated too: it holds
-// zeros in p, g, m and v, and an AdamW step keeps zeros at +0. half (nullable) receives f16(p) rounded to nearest.
+// zeros in p, g, m and v, and an AdamW step keeps zeros at +0. p16 (nullable) receives f16(p) rounded to nearest.
 extern "C" __global__ void adamw_apply(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
-                                       float* __restrict__ v, __half* __restrict__ half,
+                                       float* __restrict__ v, __half* __restrict__ p16,
                                        const AdamCoeffs* __restrict__ coeffs, const int32_t* __restrict__ chunk_param,
                                        const ScalerState* state, int32_t params, int64_t n) {
     if (state && state->found_inf) return;
@@ -281,11 +281,11 @@ extern "C" __global__ void adamw_apply(float* __restrict__ p, const float* __res
             reinterpret_cast<float4*>(p)[q] = pp;
             reinterpret_cast<float4*>(m)[q] = mm;
             reinterpret_cast<float4*>(v)[q] = vv;
-            if (half) {
-                half[4 * q] = __float2half_rn(pp.x);
-                half[4 * q + 1] = __float2half_rn(pp.y);
-                half[4 * q + 2] = __float2half_rn(pp.z);
-                half[4 * q + 3] = __float2half_rn(pp.w);
+            if (p16) {
+                p16[4 * q] = __float2half_rn(pp.x);
+                p16[4 * q + 1] = __float2half_rn(pp.y);
+                p16[4 * q + 2] = __float2half_rn(pp.z);
+                p16[4 * q + 3] = __float2half_rn(pp.w);
             }
         }
         done = nq * 4;
@@ -299,7 +299,7 @@ extern "C" __global__ void adamw_apply(float* __restrict__ p, const float* __res
         p[i] = pi;
         m[i] = mi;
         v[i] = vi;
-        if (half) half[i] = __float2half_rn(pi);
+        if (p16) p16[i] = __float2half_rn(pi);
     }
 }
 
