@@ -7,6 +7,8 @@
 //             -> ~0.5 flop/B: bandwidth bound; EfficientNet-B0's 5.3 M parameters are ~150 MB per step, ~50 us
 //             at 3 TB/s. One launch over the flat buffer instead of one per tensor (the multi-tensor trick).
 // Both skip all work when *found_inf is set (the step is skipped, as torch's GradScaler does).
+#include <stddef.h>
+
 #include "common.cuh"
 
 using namespace derma;
@@ -149,6 +151,15 @@ struct AdamHyper {
     double weight_decay;
 };
 
+// The Rust mirrors' layout tests pin the same numbers.
+static_assert(sizeof(ScalerState) == 16 && offsetof(ScalerState, found_inf) == 8 && offsetof(ScalerState, skipped) == 12,
+              "ScalerState layout");
+static_assert(sizeof(AdamEntry) == 24 && offsetof(AdamEntry, len) == 8 && offsetof(AdamEntry, group) == 16,
+              "AdamEntry layout");
+static_assert(sizeof(AdamCoeffs) == 32 && offsetof(AdamCoeffs, bc2_sqrt) == 16 && offsetof(AdamCoeffs, eps) == 24,
+              "AdamCoeffs layout");
+static_assert(sizeof(AdamHyper) == 32 && offsetof(AdamHyper, weight_decay) == 24, "AdamHyper layout");
+
 // f64 multiply and subtract that are never fused into an FMA (on the host build the compiler does not contract).
 __device__ __forceinline__ double mul_f64_rn(double a, double b) {
 #ifdef __CUDA_ARCH__
@@ -244,9 +255,9 @@ __device__ __forceinline__ void adamw_exact(float& p, float g, float& m, float& 
 // of per-tensor launches).
 // Returns at once when state->found_inf. Element i uses coeffs[chunk_param[i / 64]]; a chunk marked -1 (or with an
 // index outside [0, params)) is left untouched. Padding inside a parameter's last chunk is updated too: it holds
-// zeros in p, g, m and v, and an AdamW step keeps zeros at +0. half (nullable) receives f16(p) rounded to nearest.
+// zeros in p, g, m and v, and an AdamW step keeps zeros at +0. p16 (nullable) receives f16(p) rounded to nearest.
 extern "C" __global__ void adamw_apply(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
-                                       float* __restrict__ v, __half* __restrict__ half,
+                                       float* __restrict__ v, __half* __restrict__ p16,
                                        const AdamCoeffs* __restrict__ coeffs, const int32_t* __restrict__ chunk_param,
                                        const ScalerState* state, int32_t params, int64_t n) {
     if (state && state->found_inf) return;
@@ -270,11 +281,11 @@ extern "C" __global__ void adamw_apply(float* __restrict__ p, const float* __res
             reinterpret_cast<float4*>(p)[q] = pp;
             reinterpret_cast<float4*>(m)[q] = mm;
             reinterpret_cast<float4*>(v)[q] = vv;
-            if (half) {
-                half[4 * q] = __float2half_rn(pp.x);
-                half[4 * q + 1] = __float2half_rn(pp.y);
-                half[4 * q + 2] = __float2half_rn(pp.z);
-                half[4 * q + 3] = __float2half_rn(pp.w);
+            if (p16) {
+                p16[4 * q] = __float2half_rn(pp.x);
+                p16[4 * q + 1] = __float2half_rn(pp.y);
+                p16[4 * q + 2] = __float2half_rn(pp.z);
+                p16[4 * q + 3] = __float2half_rn(pp.w);
             }
         }
         done = nq * 4;
@@ -288,7 +299,7 @@ extern "C" __global__ void adamw_apply(float* __restrict__ p, const float* __res
         p[i] = pi;
         m[i] = mi;
         v[i] = vi;
-        if (half) half[i] = __float2half_rn(pi);
+        if (p16) p16[i] = __float2half_rn(pi);
     }
 }
 

@@ -1,5 +1,6 @@
 //! Graph capture and replay on the device layer: a sequence of different work (an activation kernel, an add, a
-//! cuBLASLt GEMM, a cuDNN convolution, a device fill, an axpy kernel and a device copy) captured once and replayed.
+//! cuBLASLt GEMM, a cuDNN convolution, a depthwise convolution kernel taking a parameter struct, a device fill, an
+//! axpy kernel and a device copy) captured once and replayed; and a recorded step program captured whole.
 //! Checked: nothing runs during capture (outputs keep their poison), a replay equals the eager run bit for bit and
 //! the CPU closed forms within f32 rounding, replays read their inputs when they run (new contents written in
 //! place between replays give new results), replays allocate nothing, and what a capture cannot hold (host
@@ -15,6 +16,7 @@ use derma::cuda::dnn::{ConvShape, Dnn, Pass};
 use derma::cuda::kernels::DevSlice;
 use derma::cuda::{DeviceRequest, Gpu, Schedule, probe};
 use derma::ops::activation::Unary;
+use derma::ops::depthwise::DwParams;
 use derma::tools::check::device_for_check;
 use rand::{Rng, RngExt, SeedableRng};
 
@@ -46,7 +48,7 @@ fn on_every_device(test: &str, mut body: impl FnMut(&Gpu, &str, u64)) {
 }
 
 // Shapes: x [M, K] -> silu -> + x -> GEMM with B [K, CIN] -> C [M, CIN] = NHWC [N, H, W, CIN] -> 3x3 conv (pad 1)
-// -> Y [N, H, W, COUT] -> acc = 0 (fill), acc += ALPHA * Y -> out = copy(acc).
+// -> Y [N, H, W, COUT] -> Z = depthwise 3x3 (pad 1) of Y -> acc = 0 (fill), acc += ALPHA * Z -> out = copy(acc).
 const N: usize = 2;
 const H: usize = 5;
 const W: usize = 6;
@@ -56,7 +58,7 @@ const CIN: usize = 8;
 const COUT: usize = 4;
 const ALPHA: f32 = 0.5;
 /// Nodes the sequence issues on the emulated device: one per launch, library call, fill and copy.
-const NODES: usize = 7;
+const NODES: usize = 8;
 
 fn conv_shape() -> ConvShape {
     ConvShape {
@@ -73,27 +75,35 @@ fn conv_shape() -> ConvShape {
     }
 }
 
+fn dw_params() -> DwParams {
+    let (n, h, w, c) = (N as i32, H as i32, W as i32, COUT as i32);
+    DwParams { n, h, w, c, ho: h, wo: w, k: 3, stride: 1, pad: 1, rows_split: 1 }
+}
+
 /// The device buffers of the sequence; every one exists before capture.
 struct Bufs {
     x: Block,
     b: Block,
     wconv: Block,
+    wdw: Block,
     h: Block,
     s: Block,
     c: Block,
     y: Block,
+    z: Block,
     ws: Block,
     acc: Block,
     out: Block,
 }
 
 impl Bufs {
-    fn outputs(&self) -> [(&'static str, &Block, usize); 6] {
+    fn outputs(&self) -> [(&'static str, &Block, usize); 7] {
         [
             ("silu(x)", &self.h, M * K),
             ("silu(x) + x", &self.s, M * K),
             ("GEMM", &self.c, M * CIN),
             ("conv", &self.y, M * COUT),
+            ("depthwise", &self.z, M * COUT),
             ("acc", &self.acc, M * COUT),
             ("out", &self.out, M * COUT),
         ]
@@ -109,9 +119,18 @@ fn random(rng: &mut impl Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
-fn setup(g: &Gpu, rng: &mut impl Rng) -> (Libs, Bufs, Vec<f32>, Vec<f32>, Vec<f32>) {
+/// Inputs: x, the GEMM's B, the conv's and the depthwise conv's weights.
+struct Inputs {
+    x: Vec<f32>,
+    b: Vec<f32>,
+    w: Vec<f32>,
+    wdw: Vec<f32>,
+}
+
+fn setup(g: &Gpu, rng: &mut impl Rng) -> (Libs, Bufs, Inputs) {
     let libs = Libs { blas: Blas::new(g).unwrap(), dnn: Dnn::new_strict(g).unwrap() };
     let (x, b, w) = (random(rng, M * K), random(rng, K * CIN), random(rng, COUT * 9 * CIN));
+    let wdw = random(rng, 9 * COUT);
     // The algorithm search runs here, eagerly, before any capture.
     let ws_bytes = libs.dnn.workspace_bytes(&conv_shape(), Pass::Forward).unwrap();
     let alloc = |elems: usize| g.alloc.alloc(elems * 4).unwrap();
@@ -119,15 +138,17 @@ fn setup(g: &Gpu, rng: &mut impl Rng) -> (Libs, Bufs, Vec<f32>, Vec<f32>, Vec<f3
         x: g.upload(&x).unwrap(),
         b: g.upload(&b).unwrap(),
         wconv: g.upload(&w).unwrap(),
+        wdw: g.upload(&wdw).unwrap(),
         h: alloc(M * K),
         s: alloc(M * K),
         c: alloc(M * CIN),
         y: alloc(M * COUT),
+        z: alloc(M * COUT),
         ws: g.alloc.alloc(ws_bytes.max(1)).unwrap(),
         acc: alloc(M * COUT),
         out: alloc(M * COUT),
     };
-    (libs, bufs, x, b, w)
+    (libs, bufs, Inputs { x, b, w, wdw })
 }
 
 /// The sequence, as eager calls (or, inside a capture, as the work captured).
@@ -139,8 +160,9 @@ fn step(g: &Gpu, l: &Libs, b: &Bufs) -> anyhow::Result<()> {
     let gemm = Gemm { m: M, n: CIN, k: K, trans_a: false, trans_b: false };
     l.blas.gemm::<f32>(&gemm, 1.0, v(&b.s), v(&b.b), 0.0, v(&b.c))?;
     l.dnn.forward::<f32>(&conv_shape(), v(&b.c), v(&b.wconv), v(&b.y), v(&b.ws))?;
+    k.dw_forward::<f32>(st, &dw_params(), v(&b.z), v(&b.y), v(&b.wdw))?;
     g.fill(&b.acc, 0, M * COUT * 4, 0)?;
-    k.scale::<f32>(st, v(&b.acc), v(&b.y), ALPHA, M * COUT, true)?;
+    k.scale::<f32>(st, v(&b.acc), v(&b.z), ALPHA, M * COUT, true)?;
     g.copy(&b.out, &b.acc, M * COUT * 4)
 }
 
@@ -159,7 +181,8 @@ fn read_all(g: &Gpu, b: &Bufs) -> Vec<Vec<u32>> {
 
 /// The sequence's outputs in f64 from the inputs, and for each the sum of the absolute values of its terms (what
 /// f32 rounding is relative to).
-fn reference(x: &[f32], b: &[f32], w: &[f32]) -> Vec<(Vec<f64>, Vec<f64>)> {
+fn reference(inp: &Inputs) -> Vec<(Vec<f64>, Vec<f64>)> {
+    let (x, b, w) = (&inp.x[..], &inp.b[..], &inp.w[..]);
     let silu = |v: f64| v / (1.0 + (-v).exp());
     let h: Vec<f64> = x.iter().map(|&v| silu(v as f64)).collect();
     let s: Vec<f64> = h.iter().zip(x).map(|(&h, &x)| h + x as f64).collect();
@@ -197,15 +220,38 @@ fn reference(x: &[f32], b: &[f32], w: &[f32]) -> Vec<(Vec<f64>, Vec<f64>)> {
             }
         }
     }
-    let acc: Vec<f64> = y.iter().map(|&v| ALPHA as f64 * v).collect();
-    let acca: Vec<f64> = ya.iter().map(|&v| ALPHA as f64 * v).collect();
+    let (mut z, mut za) = (vec![0.0; M * COUT], vec![0.0; M * COUT]);
+    for n in 0..N {
+        for oh in 0..H {
+            for ow in 0..W {
+                for c in 0..COUT {
+                    let o = ((n * H + oh) * W + ow) * COUT + c;
+                    for kh in 0..3 {
+                        for kw in 0..3 {
+                            let (ih, iw) = (oh as isize + kh as isize - 1, ow as isize + kw as isize - 1);
+                            if ih < 0 || iw < 0 || ih >= H as isize || iw >= W as isize {
+                                continue;
+                            }
+                            let i = ((n * H + ih as usize) * W + iw as usize) * COUT + c;
+                            let wv = inp.wdw[(kh * 3 + kw) * COUT + c] as f64;
+                            z[o] += y[i] * wv;
+                            za[o] += ya[i].max(y[i].abs()) * wv.abs();
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let acc: Vec<f64> = z.iter().map(|&v| ALPHA as f64 * v).collect();
+    let acca: Vec<f64> = za.iter().map(|&v| ALPHA as f64 * v).collect();
     let hs: Vec<f64> = h.iter().map(|v| v.abs()).collect();
     let sa: Vec<f64> = h.iter().zip(x).map(|(&h, &x)| h.abs() + (x as f64).abs()).collect();
-    vec![(h, hs), (s, sa), (c, ca), (y, ya), (acc.clone(), acca.clone()), (acc, acca)]
+    vec![(h, hs), (s, sa), (c, ca), (y, ya), (z, za), (acc.clone(), acca.clone()), (acc, acca)]
 }
 
 /// Every output element within f32 rounding of the reference: a few units of 2^-24 per term of its sum (the
-/// conv's 72 and the GEMM's 12 terms), and the GPU's fast exponential in SiLU.
+/// GEMM's 12, the conv's 72 and the depthwise conv's 9 terms, each carrying the rounding before it), and the
+/// GPU's fast exponential in SiLU.
 fn assert_close(device: &str, when: &str, got: &[Vec<u32>], want: &[(Vec<f64>, Vec<f64>)], names: &[&str]) {
     for ((g, (w, a)), name) in got.iter().zip(want).zip(names) {
         assert_eq!(g.len(), w.len(), "{device} {when}: {name} length");
@@ -221,13 +267,13 @@ fn assert_close(device: &str, when: &str, got: &[Vec<u32>], want: &[(Vec<f64>, V
 fn cuda_graph_replays_what_it_captured() {
     on_every_device("cuda_graph_replays_what_it_captured", |g, device, seed| {
         let mut rng = rand_pcg::Pcg64::seed_from_u64(seed);
-        let (l, b, x, bm, w) = setup(g, &mut rng);
+        let (l, b, mut inp) = setup(g, &mut rng);
         let names: Vec<&str> = b.outputs().iter().map(|o| o.0).collect();
         // Eager run: the reference the replays must match bit for bit.
         poison(g, &b);
         step(g, &l, &b).unwrap();
         let eager = read_all(g, &b);
-        assert_close(device, "eager", &eager, &reference(&x, &bm, &w), &names);
+        assert_close(device, "eager", &eager, &reference(&inp), &names);
 
         // Capture: nothing runs, every output still holds its poison.
         poison(g, &b);
@@ -253,12 +299,12 @@ fn cuda_graph_replays_what_it_captured() {
         // New inputs written in place between replays: each replay reads what the buffer holds when it runs.
         let mut last = replayed;
         for round in 0..2 {
-            let x2 = random(&mut rng, M * K);
-            g.write(&b.x, 0, &x2).unwrap();
+            inp.x = random(&mut rng, M * K);
+            g.write(&b.x, 0, &inp.x).unwrap();
             graph.replay(g).unwrap();
             let got = read_all(g, &b);
-            assert_close(device, &format!("replay {round} on new x"), &got, &reference(&x2, &bm, &w), &names);
-            assert!(got[5] != last[5], "{device}: replay {round} gave the previous result");
+            assert_close(device, &format!("replay {round} on new x"), &got, &reference(&inp), &names);
+            assert!(got[6] != last[6], "{device}: replay {round} gave the previous result");
             // The same inputs run eagerly give the same bits.
             poison(g, &b);
             step(g, &l, &b).unwrap();
@@ -303,7 +349,7 @@ fn refused(g: &Gpu, device: &str, what: &str, f: impl FnOnce() -> anyhow::Result
 fn cuda_graph_refuses_what_a_capture_cannot_hold() {
     on_every_device("cuda_graph_refuses_what_a_capture_cannot_hold", |g, device, seed| {
         let mut rng = rand_pcg::Pcg64::seed_from_u64(seed);
-        let (l, b, ..) = setup(g, &mut rng);
+        let (l, b, _) = setup(g, &mut rng);
         let probe = g.alloc.alloc(64).unwrap();
         refused(g, device, "device-to-host copy", || g.download::<f32>(&b.x, 4).map(|_| ()), &probe);
         refused(g, device, "host-to-device copy", || g.write(&b.x, 0, &[0.0f32; 4]), &probe);
@@ -330,5 +376,70 @@ fn cuda_graph_refuses_what_a_capture_cannot_hold() {
         // After all that, captures work.
         graph.replay(g).unwrap();
         assert_eq!(g.download::<u8>(&probe, 64).unwrap(), vec![0x22; 64], "{device}");
+    });
+}
+
+#[test]
+fn cuda_graph_captures_a_recorded_step_program() {
+    use derma::cuda::program::{Access, Bindings, Program};
+    on_every_device("cuda_graph_captures_a_recorded_step_program", |g, device, seed| {
+        let mut rng = rand_pcg::Pcg64::seed_from_u64(seed ^ 0x9e37);
+        let n = 3000;
+        let bytes = n * 4;
+        // x -> t1 = silu(x) -> t2 = t1 + x -> y = 2 t2, with t1 and t2 in the arena.
+        let mut p = Program::new();
+        let (x, y) = (p.persistent("x", bytes), p.persistent("y", bytes));
+        let (t1, t2) = (p.transient("t1", bytes), p.transient("t2", bytes));
+        let acc = |buf| Access { buf, bytes };
+        p.push(
+            "silu",
+            vec![acc(x)],
+            vec![acc(t1)],
+            Box::new(move |b| b.gpu().kernels.unary::<f32>(&b.gpu().stream, Unary::Silu, b.slice(t1)?, b.slice(x)?, n)),
+        );
+        p.push(
+            "add",
+            vec![acc(t1), acc(x)],
+            vec![acc(t2)],
+            Box::new(move |b| b.gpu().kernels.add::<f32>(&b.gpu().stream, b.slice(t2)?, b.slice(t1)?, b.slice(x)?, n)),
+        );
+        p.push(
+            "double",
+            vec![acc(t2)],
+            vec![acc(y)],
+            Box::new(move |b| b.gpu().kernels.scale::<f32>(&b.gpu().stream, b.slice(y)?, b.slice(t2)?, 2.0, n, false)),
+        );
+        let plan = p.plan().unwrap();
+        let (xd, yd) = (g.upload(&random(&mut rng, n)).unwrap(), g.alloc.alloc(bytes).unwrap());
+        let arena = g.alloc.alloc(plan.arena_bytes).unwrap();
+        let mut bindings = Bindings::default();
+        bindings.bind(x, DevSlice::of(&xd));
+        bindings.bind(y, DevSlice::of(&yd));
+        // The first step runs eagerly; its launches at the plan's fixed offsets are then captured (the arena's
+        // poison fill with them) and replayed for every later step, with each step's input written in place.
+        p.execute(&plan, g, &arena, &bindings, true).unwrap();
+        let allocs = g.allocations();
+        let graph = g.capture(|| p.execute(&plan, g, &arena, &bindings, true)).unwrap();
+        if g.is_emulated() {
+            assert_eq!(graph.len(), 4, "{device}: the arena fill and three launches");
+        }
+        for step in 0..3 {
+            let xs = random(&mut rng, n);
+            g.write(&xd, 0, &xs).unwrap();
+            graph.replay(g).unwrap();
+            let replayed = g.download::<f32>(&yd, n).unwrap();
+            p.execute(&plan, g, &arena, &bindings, true).unwrap();
+            let eager = g.download::<f32>(&yd, n).unwrap();
+            for (i, ((&r, &e), &v)) in replayed.iter().zip(&eager).zip(&xs).enumerate() {
+                assert_eq!(r.to_bits(), e.to_bits(), "{device} step {step}: y[{i}] replayed {r}, eager {e}");
+                let v = v as f64;
+                let want = 2.0 * (v / (1.0 + (-v).exp()) + v);
+                assert!(
+                    (r as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                    "{device} step {step}: y[{i}] {r} vs {want}"
+                );
+            }
+        }
+        assert_eq!(g.allocations(), allocs, "{device}: replays allocated");
     });
 }

@@ -94,7 +94,11 @@ pub fn lt_call<A: Elem, C: Elem>(g: &Gemm) -> Call {
 
 /// A cuBLASLt handle, its workspace and stream (GPU), or the emulated library.
 enum Backend {
-    Cuda { handle: sys::cublasLtHandle_t, stream: Arc<CudaStream>, workspace: Block },
+    Cuda {
+        handle: sys::cublasLtHandle_t,
+        stream: Arc<CudaStream>,
+        workspace: Block,
+    },
     /// The emulated library, on the emulated device's stream (which records calls while a capture is open).
     Emulated(Arc<EmuStream>),
 }

@@ -134,8 +134,7 @@ impl Gpu {
         let ctx = CudaContext::new(info.ordinal)
             .map_err(|e| anyhow!("creating a context on cuda:{}: {e:?}", info.ordinal))?;
         // A stream of its own, not the legacy default stream, which cannot be captured into a graph.
-        let stream =
-            ctx.new_stream().map_err(|e| anyhow!("creating a stream on cuda:{}: {e:?}", info.ordinal))?;
+        let stream = ctx.new_stream().map_err(|e| anyhow!("creating a stream on cuda:{}: {e:?}", info.ordinal))?;
         let kernels = Kernels::load(&ctx).with_context(|| format!("loading kernels on cuda:{}", info.ordinal))?;
         let alloc = CachingAllocator::new(Box::new(DriverAlloc::new(ctx.clone())));
         Ok(Self { info: info.clone(), stream: Stream::Cuda(stream), kernels, alloc })

@@ -210,7 +210,10 @@ impl Plan {
 }
 
 enum Backend {
-    Cuda { handle: sys::cudnnHandle_t, stream: Arc<CudaStream> },
+    Cuda {
+        handle: sys::cudnnHandle_t,
+        stream: Arc<CudaStream>,
+    },
     /// The emulated library, on the emulated device's stream (which records calls while a capture is open).
     Emulated(Arc<EmuStream>),
 }
@@ -624,10 +627,8 @@ impl Dnn {
                 || format!("cuDNN conv backward filter {s:?}"),
                 move || {
                     // SAFETY: as in forward.
-                    unsafe {
-                        emu::convolution_backward_filter(alpha, &xd, x, &yd, dy, &conv, algo, ws, beta, &wd, dw)
-                    }
-                    .map_err(|e| e.context(format!("conv backward filter {s:?}")))
+                    unsafe { emu::convolution_backward_filter(alpha, &xd, x, &yd, dy, &conv, algo, ws, beta, &wd, dw) }
+                        .map_err(|e| e.context(format!("conv backward filter {s:?}")))
                 },
             );
         }

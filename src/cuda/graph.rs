@@ -72,7 +72,9 @@ impl Graph {
                     "this graph was captured on another device's stream: replay it on the device that captured it"
                 );
                 match &exec.graph {
-                    Some(g) => g.launch().map_err(|e| anyhow!("launching the captured graph on {}: {e:?}", gpu.info.name)),
+                    Some(g) => {
+                        g.launch().map_err(|e| anyhow!("launching the captured graph on {}: {e:?}", gpu.info.name))
+                    }
                     None => Ok(()),
                 }
             }
@@ -118,16 +120,15 @@ impl Open<'_> {
         self.gpu.alloc.end_capture();
         match &self.gpu.stream {
             Stream::Emulated(e) => Ok(Ended::Emulated(e.end_capture())),
-            Stream::Cuda(s) => s
-                .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
-                .map(Ended::Cuda)
-                .map_err(|e| {
+            Stream::Cuda(s) => {
+                s.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).map(Ended::Cuda).map_err(|e| {
                     anyhow!(
                         "ending the graph capture on {} failed: {e:?} (something inside the capture was not \
                          capturable: a synchronous copy, a sync, or an allocation made outside derma's device layer)",
                         self.gpu.info.name
                     )
-                }),
+                })
+            }
         }
     }
 }
@@ -186,7 +187,11 @@ impl Gpu {
         match ended? {
             Ended::Emulated(nodes) => {
                 let Stream::Emulated(stream) = &self.stream else { bail!("the device changed kind during capture") };
-                Ok(Graph { len: nodes.len(), captured: Captured::Emulated { stream: stream.clone(), nodes }, _pin: pin })
+                Ok(Graph {
+                    len: nodes.len(),
+                    captured: Captured::Emulated { stream: stream.clone(), nodes },
+                    _pin: pin,
+                })
             }
             Ended::Cuda(graph) => {
                 let Stream::Cuda(stream) = &self.stream else { bail!("the device changed kind during capture") };
@@ -217,14 +222,18 @@ mod tests {
             .capture(|| {
                 let e = gpu.alloc.alloc(100).err().map(|e| e.to_string()).unwrap_or_default();
                 assert!(e.contains("not allowed during graph capture"), "{e}");
+                // Only the capturing thread is refused: another thread's allocation is not part of the capture.
+                std::thread::scope(|s| s.spawn(|| drop(gpu.alloc.alloc(100).unwrap())).join().unwrap());
                 gpu.fill(&b, 0, 4096, 7)
             })
             .unwrap();
         assert_eq!(g.len(), 1);
         drop(b);
         // While the graph lives, the cache keeps the block's memory: releasing does nothing.
+        let cached = gpu.alloc.stats().cached;
+        assert_eq!(cached, 4096 + 512, "the block and the other thread's");
         gpu.alloc.release_cached();
-        assert_eq!(gpu.alloc.stats().cached, 4096);
+        assert_eq!(gpu.alloc.stats().cached, cached);
         g.replay(&gpu).unwrap();
         let again = gpu.alloc.alloc(4096).unwrap();
         assert_eq!(again.addr(), addr);

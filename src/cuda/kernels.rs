@@ -229,7 +229,8 @@ impl<'a> Launch<'a> {
             (None, Stream::Emulated(e)) => {
                 let shape3 = (cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes);
                 // SAFETY: each argument pointer borrows a live value of its recorded size (pushed by `arg`).
-                let make = || unsafe { KernelNode::new(name, family, shape3, &self.args, &self.sizes) }.map(Node::Kernel);
+                let make =
+                    || unsafe { KernelNode::new(name, family, shape3, &self.args, &self.sizes) }.map(Node::Kernel);
                 if e.record(make)? {
                     return Ok(());
                 }

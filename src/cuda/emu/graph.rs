@@ -159,7 +159,11 @@ impl EmuStream {
     }
 
     /// Runs `run` now, or records it as a node named `what` when a capture is open.
-    pub fn call(&self, what: impl FnOnce() -> String, run: impl Fn() -> Result<()> + Send + Sync + 'static) -> Result<()> {
+    pub fn call(
+        &self,
+        what: impl FnOnce() -> String,
+        run: impl Fn() -> Result<()> + Send + Sync + 'static,
+    ) -> Result<()> {
         let mut r = self.lock()?;
         match r.as_mut() {
             Some(nodes) => {

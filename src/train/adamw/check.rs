@@ -167,7 +167,7 @@ fn amp_step(c: &mut Ctx, shift: usize) -> Result<()> {
 
     let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
     let hyper = AdamHyper::from(&cfg);
-    let scfg = GradScalerConfig { init_scale: 1024.0, growth_interval: 2, ..GradScalerConfig::default() };
+    let scfg = GradScalerConfig { init_scale: 1000.0, growth_interval: 2, ..GradScalerConfig::default() };
     let mut cpu = AdamW::new(cfg)?;
     let mut scaler = GradScaler::new(scfg)?;
 
