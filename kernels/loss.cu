@@ -36,10 +36,14 @@ __device__ __forceinline__ float row_lse(const T* z, int k) {
 // alpha may be null (all ones). Targets outside [0, K) contribute nothing; *bad_target receives the 1-based index
 // of the first such row, or 0 when every target is valid. Several threads may find bad rows: they meet in a shared
 // atomicMin and thread 0 stores the result once, so bad_target needs no initial value.
+// grad_scale_dev, when not null, multiplies the gradient scale by a device value (the loss scale of a replayed
+// mixed-precision step, which changes between replays and so cannot be a launch argument).
 template <typename T>
 __device__ void softmax_loss(float* __restrict__ loss_out, T* __restrict__ dlogits, float* __restrict__ probs,
                              int32_t* __restrict__ bad_target, const T* __restrict__ logits,
-                             const int32_t* __restrict__ targets, const float* __restrict__ alpha, LossParams p) {
+                             const int32_t* __restrict__ targets, const float* __restrict__ alpha,
+                             const float* __restrict__ grad_scale_dev, LossParams p) {
+    if (grad_scale_dev && p.grad_scale != 0.f) p.grad_scale *= *grad_scale_dev;
     __shared__ float scratch[32];
     constexpr int kNone = 0x7fffffff;
     __shared__ int first_bad;  // 0-based row, kNone while none
@@ -95,11 +99,45 @@ __device__ void softmax_loss(float* __restrict__ loss_out, T* __restrict__ dlogi
     }
 }
 
+// Running sums of a training epoch on the device, so the host reads them once per epoch instead of once per step:
+// sums[0] += loss * B when the loss is finite (else sums[3] += 1), sums[1] += rows whose argmax (the first
+// maximum, as the host's) is the target, sums[2] += B. One block; B*K is tiny (see the napkin math above); f64
+// keeps the counts exact and the loss sum independent of the epoch's length.
+template <typename T>
+__device__ void train_metrics(double* __restrict__ sums, const float* __restrict__ loss, const T* __restrict__ logits,
+                              const int32_t* __restrict__ targets, int32_t b, int32_t k) {
+    __shared__ float scratch[32];
+    float correct = 0.f;
+    for (int i = threadIdx.x; i < b; i += blockDim.x) {
+        const T* z = logits + (int64_t)i * k;
+        int best = 0;
+        for (int j = 1; j < k; ++j)
+            if (to_f(z[j]) > to_f(z[best])) best = j;
+        correct += best == targets[i] ? 1.f : 0.f;
+    }
+    correct = block_sum(correct, scratch);  // exact: integers below 2^24
+    if (threadIdx.x == 0) {
+        const float l = *loss;
+        if (isfinite(l)) {
+            sums[0] += (double)l * (double)b;
+        } else {
+            sums[3] += 1.0;
+        }
+        sums[1] += (double)correct;
+        sums[2] += (double)b;
+    }
+}
+
 #define DERMA_LOSS(T, SFX)                                                                                           \
     extern "C" __global__ void __launch_bounds__(256, 4)                                                                \
         softmax_loss_##SFX(float* loss_out, T* dlogits, float* probs, int32_t* bad_target, const T* logits,          \
-                           const int32_t* targets, const float* alpha, LossParams p) {                               \
-        softmax_loss(loss_out, dlogits, probs, bad_target, logits, targets, alpha, p);                               \
+                           const int32_t* targets, const float* alpha, const float* grad_scale_dev,                  \
+                           LossParams p) {                                                                           \
+        softmax_loss(loss_out, dlogits, probs, bad_target, logits, targets, alpha, grad_scale_dev, p);               \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(256, 4) train_metrics_##SFX(                                        \
+        double* sums, const float* loss, const T* logits, const int32_t* targets, int32_t b, int32_t k) {            \
+        train_metrics(sums, loss, logits, targets, b, k);                                                            \
     }
 
 DERMA_LOSS(float, f32)

@@ -259,7 +259,7 @@ impl<T: Float> Backend for Cpu<T> {
         };
         let values = match source {
             MaskSource::Host(rng) => dropout::draw_mask(len, p, rng),
-            MaskSource::Counter { key } => {
+            MaskSource::Counter { key, .. } => {
                 let scale = dropout::keep_scale::<T>(p);
                 (0..len as u64).map(|i| if counter_keep(key, i, p) { scale } else { T::zero() }).collect()
             }

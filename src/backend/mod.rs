@@ -61,7 +61,8 @@ pub enum MaskSource<'a> {
     Host(&'a mut Pcg64),
     /// A pure function of a 64-bit key and the value's index ([`counter_keep`]): what the device kernels
     /// compute, and what the CPU computes identically, so both backends draw the same masks.
-    Counter { key: u64 },
+    /// `layer`: the mask's index in the forward pass (a replayed step recomputes `key` on the device from it).
+    Counter { key: u64, layer: u64 },
 }
 
 /// The counter key of one mask: distinct for every (seed, epoch, step, layer).

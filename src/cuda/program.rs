@@ -112,7 +112,7 @@ pub struct Plan {
 }
 
 /// Where the caller put each persistent buffer, for [`Program::execute`].
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Bindings<'a> {
     slices: BTreeMap<BufId, DevSlice<'a>>,
 }
@@ -121,6 +121,11 @@ impl<'a> Bindings<'a> {
     /// Puts persistent buffer `id` at `slice` (binding an id again replaces the earlier slice).
     pub fn bind(&mut self, id: BufId, slice: DevSlice<'a>) {
         self.slices.insert(id, slice);
+    }
+
+    /// Whether persistent buffer `id` is bound.
+    pub fn has(&self, id: BufId) -> bool {
+        self.slices.contains_key(&id)
     }
 }
 
@@ -370,6 +375,20 @@ impl Program {
     /// transient or of an id the program lacks is an error (it would be silently ignored otherwise). A step's
     /// error comes back with the step's index and name.
     pub fn execute(&self, plan: &Plan, gpu: &Gpu, arena: &Block, bindings: &Bindings<'_>, poison: bool) -> Result<()> {
+        self.execute_observed(plan, gpu, arena, bindings, poison, &mut |_| Ok(()))
+    }
+
+    /// [`Program::execute`], calling `after(i)` once step `i` is issued (a benchmark syncs and reads a clock
+    /// there to time the program's phases).
+    pub fn execute_observed(
+        &self,
+        plan: &Plan,
+        gpu: &Gpu,
+        arena: &Block,
+        bindings: &Bindings<'_>,
+        poison: bool,
+        after: &mut dyn FnMut(usize) -> Result<()>,
+    ) -> Result<()> {
         ensure!(
             plan.offsets.len() == self.buffers.len() && plan.live.len() == self.buffers.len(),
             "the plan is for another program: it places {} buffers, this program has {}",
@@ -430,6 +449,7 @@ impl Program {
         for (i, step) in self.steps.iter().enumerate() {
             let bound = Bound { gpu, arena, program: self, plan, bindings, step: i };
             (step.run)(&bound).with_context(|| format!("step {i} '{}'", step.name))?;
+            after(i)?;
         }
         Ok(())
     }

@@ -311,6 +311,50 @@ impl DeviceLoader {
         &self.data.residency
     }
 
+    /// Whether batches can be made entirely on the device ([`DeviceLoader::batch_at_device_step`]): the images are
+    /// resident. Streamed batches need the host to copy each batch's images first.
+    pub fn is_resident(&self) -> bool {
+        self.data.images.is_some()
+    }
+
+    /// The fixed output block (`[B, out, out, 3]`) and labels block (`B` i32) every batch is made into.
+    pub fn outputs(&self) -> (&Block, &Block) {
+        (&self.out, &self.labels_out)
+    }
+
+    /// Issues the augmentation of the batch the device's step counter `step` (an i64: batch index in the epoch)
+    /// names, without the host knowing which batch that is: the launch a captured training step replays. Resident
+    /// data only; the epoch's plan must be uploaded ([`DeviceLoader::begin_epoch`]).
+    pub fn batch_at_device_step<T: BatchElem>(&self, gpu: &Gpu, step: DevSlice) -> Result<()> {
+        ensure!(size_of::<T>() == self.out_elem_bytes, "the device loader was created for another element type");
+        let Some(plan) = &self.plan else { bail!("DeviceLoader::batch_at_device_step before begin_epoch") };
+        let Some(images) = &self.data.images else {
+            bail!("the dataset is streamed from the host: its batches cannot be made from a device step counter")
+        };
+        let cfg = self.loader.config();
+        let (b, side) = (cfg.batch_size, self.loader.source().size());
+        let a = AugmentBatch {
+            out: DevSlice::of(&self.out),
+            labels_out: Some(DevSlice::of(&self.labels_out)),
+            images: DevSlice::of(images),
+            labels: Some(DevSlice::of(&self.data.labels)),
+            table: Some(DevSlice::of(&self.table)),
+            params: DevSlice::of(&self.params),
+            step: Some(step),
+            partials: DevSlice::of(&self.partials),
+            shape: AugShape {
+                position0: 0,
+                positions: plan.order.len() as i64,
+                slots: self.data.len() as i64,
+                batch: b as i32,
+                size: side as i32,
+                out_size: cfg.out_size as i32,
+                pad_: 0,
+            },
+        };
+        augment::<T>(&gpu.kernels, &gpu.stream, &a)
+    }
+
     /// Makes batch `batch` of the current epoch: returns the output block (`[B, out, out, 3]` of `T`) and the
     /// labels block (`B` i32), both at fixed addresses.
     pub fn batch<T: BatchElem>(&mut self, gpu: &Gpu, batch: usize) -> Result<(&Block, &Block)> {

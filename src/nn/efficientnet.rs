@@ -519,7 +519,7 @@ impl<T: Float> EfficientNet<T> {
         v
     }
 
-    fn batch_norms_mut(&mut self) -> Vec<&mut BatchNorm<T>> {
+    pub fn batch_norms_mut(&mut self) -> Vec<&mut BatchNorm<T>> {
         let mut v = vec![&mut self.stem.bn];
         for b in self.stages.iter_mut().flatten() {
             if let Some(e) = b.expand.as_mut() {

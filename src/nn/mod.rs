@@ -73,7 +73,7 @@ impl<'a> Ctx<'a> {
         let layer = self.masks_drawn;
         self.masks_drawn += 1;
         match self.counter_masks {
-            Some(c) => MaskSource::Counter { key: mask_key(c.seed, c.epoch, c.step, layer) },
+            Some(c) => MaskSource::Counter { key: mask_key(c.seed, c.epoch, c.step, layer), layer },
             None => MaskSource::Host(self.rng),
         }
     }

@@ -191,97 +191,63 @@ struct Owned {
     block: Block,
 }
 
-/// What [`Cuda::run`] leaves behind: the plan and the arena the transient results are in.
+/// What [`Cuda::run`] leaves behind: the plan and the arena the transient results are in (reused by every later
+/// run of the same program, so the addresses never change).
 struct Ran {
     plan: Plan,
     arena: Block,
 }
 
-/// The CUDA backend (see the module docs).
-pub struct Cuda {
+/// The device state that outlives one recorded program: the f32 parameter masters and their f16 mirror, the flat
+/// gradient buffer, the batch-norm running statistics, and the library handles (so cuDNN's algorithm choices and
+/// cuBLASLt's workspace carry over). A training run records one program per unfreezing stage (and one for
+/// evaluation) over the same state with [`Cuda::with_state`].
+///
+/// The gradient buffer has the masters' layout: parameter `i`'s slot is at its master's offset. The trainable
+/// parameters are a suffix of the parameter order (freezing works by leading blocks), so a stage's gradients,
+/// their unscaling and the optimizer cover one contiguous range of both.
+pub struct DeviceState {
     gpu: Arc<Gpu>,
     blas: Arc<Blas>,
     dnn: Arc<Dnn>,
     precision: Precision,
-    prog: Program,
     params: Vec<ParamInfo>,
-    /// Whether a parameter was read already in this program.
-    read: Vec<bool>,
-    /// Whether the program may have a backward (trainable parameters have gradient slots).
-    training: bool,
-    masters: Owned,
-    halves: Option<Owned>,
-    grads: Option<Owned>,
-    grad_elems: usize,
+    /// Elements of the master block (regions aligned, in parameter order).
+    elems: usize,
+    masters: Block,
+    halves: Option<Block>,
+    grads: Option<Block>,
     bn: Vec<BnInfo>,
-    bn_block: Option<Owned>,
-    uploads: Vec<Owned>,
-    /// Transient buffers [`Cuda::download`] may read after the run (kept alive to the program's end).
-    kept: Vec<BufId>,
-    ran: Option<Ran>,
+    bn_block: Option<Block>,
 }
 
-impl Cuda {
-    /// Uploads the parameters of `store` (f32 masters, and an f16 mirror for `Precision::F16`) and the running
-    /// statistics of `bn` (the model's batch norms, in their index order), allocates the gradient buffer over the
-    /// trainable parameters, and starts the program with the gradient zeroing and the f16 refresh.
-    pub fn new(gpu: Arc<Gpu>, store: &ParamStore<f32>, bn: &[&BnState<f32>], precision: Precision) -> Result<Self> {
-        Self::build(gpu, store, bn, precision, true)
-    }
-
-    /// As [`Cuda::new`] for a program without backward (an inference tape): no gradient buffer, no zeroing step.
-    pub fn inference(
+impl DeviceState {
+    /// Uploads the parameters of `store` (f32 masters, and an f16 mirror for `Precision::F16`, cast on the device)
+    /// and the running statistics of `bn` (the model's batch norms, in their index order); `grads` allocates the
+    /// gradient buffer (zeroed).
+    pub fn new(
         gpu: Arc<Gpu>,
         store: &ParamStore<f32>,
         bn: &[&BnState<f32>],
         precision: Precision,
-    ) -> Result<Self> {
-        Self::build(gpu, store, bn, precision, false)
-    }
-
-    fn build(
-        gpu: Arc<Gpu>,
-        store: &ParamStore<f32>,
-        bn: &[&BnState<f32>],
-        precision: Precision,
-        training: bool,
+        grads: bool,
     ) -> Result<Self> {
         let blas = Arc::new(Blas::new(&gpu).context("creating the cuBLASLt handle")?);
         let dnn = Arc::new(Dnn::new_strict(&gpu).context("creating the cuDNN handle")?);
-        let mut prog = Program::new();
-
-        let (mut params, mut elems, mut grad_elems) = (Vec::with_capacity(store.len()), 0, 0);
+        let (mut params, mut elems) = (Vec::with_capacity(store.len()), 0);
         for p in store.iter() {
             let n = p.value.data.len();
-            let slot = (training && p.trainable).then(|| {
-                let s = grad_elems;
-                grad_elems = align_up(grad_elems + n, REGION_ALIGN);
-                s
-            });
-            params.push(ParamInfo { name: p.name.clone(), shape: p.value.shape.clone(), offset: elems, slot });
+            params.push(ParamInfo { name: p.name.clone(), shape: p.value.shape.clone(), offset: elems, slot: None });
             elems = align_up(elems + n, REGION_ALIGN);
         }
-        let mut host = vec![0f32; elems.max(1)];
-        for (info, p) in params.iter().zip(store.iter()) {
-            host[info.offset..info.offset + p.value.data.len()].copy_from_slice(&p.value.data);
-        }
-        let block = gpu.upload(&host).context("uploading the parameters")?;
-        let masters = Owned { buf: prog.persistent("params.f32", block.len_bytes()), block };
-
+        let masters = gpu.zeros(elems.max(1) * 4).context("allocating the parameter masters")?;
         let halves = match precision {
             Precision::F32 => None,
-            Precision::F16 => {
-                let bytes = host.len() * 2;
-                let block = gpu.zeros(bytes).context("allocating the f16 parameter copies")?;
-                Some(Owned { buf: prog.persistent("params.f16", bytes), block })
-            }
+            Precision::F16 => Some(gpu.zeros(elems.max(1) * 2).context("allocating the f16 parameter copies")?),
         };
-
-        let grads = if grad_elems > 0 {
-            let block = gpu.zeros(grad_elems * 4).context("allocating the gradient buffer")?;
-            Some(Owned { buf: prog.persistent("grads.f32", grad_elems * 4), block })
-        } else {
-            None
+        let grads = match grads && elems > 0 {
+            true => Some(gpu.zeros(elems * 4).context("allocating the gradient buffer")?),
+            false => None,
         };
 
         let (mut bn_info, mut bn_elems) = (Vec::with_capacity(bn.len()), 0);
@@ -293,47 +259,274 @@ impl Cuda {
             bn_elems = align_up(var + c, REGION_ALIGN);
             bn_info.push(BnInfo { c, mean, var });
         }
-        let bn_block = if bn_elems > 0 {
-            let mut host = vec![0f32; bn_elems];
-            for (info, s) in bn_info.iter().zip(bn) {
-                host[info.mean..info.mean + info.c].copy_from_slice(&s.running_mean);
-                host[info.var..info.var + info.c].copy_from_slice(&s.running_var);
-            }
-            let block = gpu.upload(&host).context("uploading the batch-norm running statistics")?;
-            Some(Owned { buf: prog.persistent("bn.running", block.len_bytes()), block })
-        } else {
-            None
+        let bn_block = match bn_elems {
+            0 => None,
+            n => Some(gpu.zeros(n * 4).context("allocating the batch-norm running statistics")?),
         };
+        let state = Self { gpu, blas, dnn, precision, params, elems, masters, halves, grads, bn: bn_info, bn_block };
+        state.upload_params(store)?;
+        state.upload_bn(bn)?;
+        Ok(state)
+    }
 
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Elements of the master block (and of the gradient buffer): every parameter region, aligned.
+    pub fn elems(&self) -> usize {
+        self.elems
+    }
+
+    /// Element offset of parameter `id`'s master (and of its gradient slot) and its length.
+    pub fn region(&self, id: ParamId) -> Result<(usize, usize)> {
+        let p = self.params.get(id).with_context(|| format!("no parameter {id} on the device"))?;
+        Ok((p.offset, p.numel()))
+    }
+
+    pub fn masters(&self) -> &Block {
+        &self.masters
+    }
+
+    pub fn halves(&self) -> Option<&Block> {
+        self.halves.as_ref()
+    }
+
+    pub fn grads(&self) -> Option<&Block> {
+        self.grads.as_ref()
+    }
+
+    /// Writes every parameter of `store` (same names and shapes) into the masters and refreshes the f16 mirror.
+    pub fn upload_params(&self, store: &ParamStore<f32>) -> Result<()> {
+        ensure!(
+            store.len() == self.params.len(),
+            "the store has {} parameters, the device {}",
+            store.len(),
+            self.params.len()
+        );
+        let mut host = vec![0f32; self.elems.max(1)];
+        for (info, p) in self.params.iter().zip(store.iter()) {
+            ensure!(
+                p.name == info.name && p.value.shape == info.shape,
+                "parameter {} {:?} does not match the device's {} {:?}",
+                p.name,
+                p.value.shape,
+                info.name,
+                info.shape
+            );
+            host[info.offset..info.offset + p.value.data.len()].copy_from_slice(&p.value.data);
+        }
+        self.gpu.write(&self.masters, 0, &host).context("uploading the parameters")?;
+        self.refresh_halves()
+    }
+
+    /// Recomputes the f16 mirror from the masters (one cast launch; nothing for f32).
+    pub fn refresh_halves(&self) -> Result<()> {
+        if let Some(h) = &self.halves {
+            let n = self.masters.len_bytes() / 4;
+            self.gpu.kernels.cast(&self.gpu.stream, DevSlice::of(h), DevSlice::of(&self.masters), n, true)?;
+            self.gpu.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the running statistics of `bn` into the device's statistics block.
+    pub fn upload_bn(&self, bn: &[&BnState<f32>]) -> Result<()> {
+        ensure!(bn.len() == self.bn.len(), "{} batch norms given, the device holds {}", bn.len(), self.bn.len());
+        let Some(block) = &self.bn_block else { return Ok(()) };
+        let mut host = vec![0f32; block.len_bytes() / 4];
+        for (info, s) in self.bn.iter().zip(bn) {
+            ensure!(
+                s.running_mean.len() == info.c,
+                "a batch norm of {} channels where the device has {}",
+                s.running_mean.len(),
+                info.c
+            );
+            host[info.mean..info.mean + info.c].copy_from_slice(&s.running_mean);
+            host[info.var..info.var + info.c].copy_from_slice(&s.running_var);
+        }
+        self.gpu.write(block, 0, &host).context("uploading the batch-norm running statistics")
+    }
+
+    /// Reads the masters back into `store`'s parameter values.
+    pub fn download_params(&self, store: &mut ParamStore<f32>) -> Result<()> {
+        let mut host = vec![0f32; self.elems.max(1)];
+        self.gpu.read(&self.masters, 0, &mut host).context("reading the parameters back")?;
+        for (id, info) in self.params.iter().enumerate() {
+            let p = store.get_mut(id);
+            ensure!(p.name == info.name, "parameter {id} is {} in the store but {} on the device", p.name, info.name);
+            let n = info.numel();
+            p.value_mut().data.copy_from_slice(&host[info.offset..info.offset + n]);
+        }
+        Ok(())
+    }
+
+    /// Running (mean, variance) of batch norm `index`.
+    pub fn bn_stats(&self, index: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let info =
+            *self.bn.get(index).with_context(|| format!("no batch norm {index} (the model has {})", self.bn.len()))?;
+        let block = self.bn_block.as_ref().context("no batch-norm statistics on the device")?;
+        let (mut mean, mut var) = (vec![0f32; info.c], vec![0f32; info.c]);
+        self.gpu.read(block, info.mean * 4, &mut mean)?;
+        self.gpu.read(block, info.var * 4, &mut var)?;
+        Ok((mean, var))
+    }
+}
+
+/// The program's buffer ids of the state's blocks.
+#[derive(Clone, Copy)]
+struct StateBufs {
+    masters: BufId,
+    halves: Option<BufId>,
+    grads: Option<BufId>,
+    bn: Option<BufId>,
+}
+
+/// The CUDA backend (see the module docs).
+pub struct Cuda {
+    gpu: Arc<Gpu>,
+    blas: Arc<Blas>,
+    dnn: Arc<Dnn>,
+    state: Arc<DeviceState>,
+    bufs: StateBufs,
+    prog: Program,
+    params: Vec<ParamInfo>,
+    /// Whether a parameter was read already in this program.
+    read: Vec<bool>,
+    /// Whether the program may have a backward (trainable parameters have gradient slots).
+    training: bool,
+    /// The element range of the gradient buffer the trainable parameters' slots cover.
+    grad_range: (usize, usize),
+    uploads: Vec<Owned>,
+    /// Persistent buffers the caller owns and binds at every run ([`Cuda::external`]).
+    externals: Vec<BufId>,
+    /// Transient buffers [`Cuda::download`] may read after the run (kept alive to the program's end).
+    kept: Vec<BufId>,
+    /// Batch norms whose running statistics this program updates (training mode), in recording order.
+    bn_updates: Vec<usize>,
+    /// Replayed-step sources: the targets, the loss scale and the mask-key table live in device buffers.
+    device_targets: Option<View>,
+    loss_scale: Option<View>,
+    mask_keys: Option<(View, usize)>,
+    ran: Option<Ran>,
+    /// A step was recorded after the first run (the plan would not cover it).
+    late_push: bool,
+}
+
+impl Cuda {
+    /// Uploads the parameters of `store` (f32 masters, and an f16 mirror for `Precision::F16`) and the running
+    /// statistics of `bn` (the model's batch norms, in their index order), allocates the gradient buffer over the
+    /// trainable parameters, and starts the program with the gradient zeroing and the f16 refresh.
+    pub fn new(gpu: Arc<Gpu>, store: &ParamStore<f32>, bn: &[&BnState<f32>], precision: Precision) -> Result<Self> {
+        let state = Arc::new(DeviceState::new(gpu, store, bn, precision, true)?);
+        Self::with_state(state, store, true, true)
+    }
+
+    /// As [`Cuda::new`] for a program without backward (an inference tape): no gradient buffer, no zeroing step.
+    pub fn inference(
+        gpu: Arc<Gpu>,
+        store: &ParamStore<f32>,
+        bn: &[&BnState<f32>],
+        precision: Precision,
+    ) -> Result<Self> {
+        let state = Arc::new(DeviceState::new(gpu, store, bn, precision, false)?);
+        Self::with_state(state, store, false, true)
+    }
+
+    /// A new program over existing device state: `training` gives the trainable parameters of `store` (which must
+    /// have the state's names and shapes) their gradient slots and starts the program by zeroing them;
+    /// `cast_halves` starts it by refreshing the f16 mirror from the masters (a training step whose optimizer
+    /// refreshes the copies itself leaves it out).
+    pub fn with_state(
+        state: Arc<DeviceState>,
+        store: &ParamStore<f32>,
+        training: bool,
+        cast_halves: bool,
+    ) -> Result<Self> {
+        ensure!(
+            store.len() == state.params.len(),
+            "the store has {} parameters but the device state {}: build the state from this model",
+            store.len(),
+            state.params.len()
+        );
+        ensure!(
+            !training || state.grads.is_some() || state.elems == 0,
+            "a training program over device state without a gradient buffer: build the state with grads"
+        );
+        let mut prog = Program::new();
+        let masters = prog.persistent("params.f32", state.masters.len_bytes());
+        let halves = state.halves.as_ref().map(|h| prog.persistent("params.f16", h.len_bytes()));
+        let bn = state.bn_block.as_ref().map(|b| prog.persistent("bn.running", b.len_bytes()));
+        let mut params = state.params.clone();
+        let mut grad_range = (usize::MAX, 0);
+        for (info, p) in params.iter_mut().zip(store.iter()) {
+            ensure!(
+                p.name == info.name && p.value.shape == info.shape,
+                "parameter {} {:?} in the store is {} {:?} on the device: build the state from this store",
+                p.name,
+                p.value.shape,
+                info.name,
+                info.shape
+            );
+            if training && p.trainable {
+                info.slot = Some(info.offset);
+                grad_range = (grad_range.0.min(info.offset), align_up(info.offset + info.numel(), REGION_ALIGN));
+            }
+        }
+        if grad_range.0 == usize::MAX {
+            grad_range = (0, 0);
+        }
+        let grads = match (&state.grads, grad_range.1 > grad_range.0) {
+            (Some(g), true) => Some(prog.persistent("grads.f32", g.len_bytes())),
+            _ => None,
+        };
         let n = store.len();
         let mut cuda = Self {
-            gpu,
-            blas,
-            dnn,
-            precision,
+            gpu: state.gpu.clone(),
+            blas: state.blas.clone(),
+            dnn: state.dnn.clone(),
+            bufs: StateBufs { masters, halves, grads, bn },
+            state,
             prog,
             params,
             read: vec![false; n],
             training,
-            masters,
-            halves,
-            grads,
-            grad_elems,
-            bn: bn_info,
-            bn_block,
+            grad_range,
             uploads: Vec::new(),
+            externals: Vec::new(),
             kept: Vec::new(),
+            bn_updates: Vec::new(),
+            device_targets: None,
+            loss_scale: None,
+            mask_keys: None,
             ran: None,
+            late_push: false,
         };
-        cuda.record_prologue()?;
+        cuda.record_prologue(cast_halves)?;
         Ok(cuda)
     }
 
-    /// The first steps of every program: zero the gradient buffer, refresh the f16 copies from the masters.
-    fn record_prologue(&mut self) -> Result<()> {
-        if let Some(g) = &self.grads {
-            let view = View { buf: g.buf, offset: 0, bytes: self.grad_elems * 4 };
-            let n = self.grad_elems;
+    /// Batch norms (model indices) whose running statistics a run of this program updates.
+    pub fn bn_updates(&self) -> &[usize] {
+        &self.bn_updates
+    }
+
+    /// The device state this program runs over.
+    pub fn state(&self) -> &Arc<DeviceState> {
+        &self.state
+    }
+
+    /// The first steps of every program: zero the trainable range of the gradient buffer, refresh the f16 copies
+    /// from the masters.
+    fn record_prologue(&mut self, cast_halves: bool) -> Result<()> {
+        if let Some(g) = self.bufs.grads {
+            let (start, end) = self.grad_range;
+            let view = View { buf: g, offset: start * 4, bytes: (end - start) * 4 };
+            let n = end - start;
             self.prog.push(
                 "zero gradients",
                 vec![],
@@ -344,10 +537,10 @@ impl Cuda {
                 }),
             );
         }
-        if let Some(h) = &self.halves {
-            let n = self.masters.block.len_bytes() / 4;
-            let src = View { buf: self.masters.buf, offset: 0, bytes: n * 4 };
-            let dst = View { buf: h.buf, offset: 0, bytes: n * 2 };
+        if let (Some(h), true) = (self.bufs.halves, cast_halves) {
+            let n = self.state.masters.len_bytes() / 4;
+            let src = View { buf: self.bufs.masters, offset: 0, bytes: n * 4 };
+            let dst = View { buf: h, offset: 0, bytes: n * 2 };
             self.prog.push(
                 "cast parameters to f16",
                 vec![src.all()],
@@ -363,11 +556,11 @@ impl Cuda {
 
     /// The activation storage type.
     pub fn dtype(&self) -> DType {
-        self.precision.dtype()
+        self.state.precision.dtype()
     }
 
     pub fn precision(&self) -> Precision {
-        self.precision
+        self.state.precision
     }
 
     /// The recorded program so far.
@@ -405,6 +598,39 @@ impl Cuda {
         Ok(View { buf, offset: 0, bytes })
     }
 
+    /// Declares a persistent buffer of `bytes` that the caller owns and binds at every run (a loader's batch, the
+    /// optimizer's state, the step values): see [`Cuda::run_bound`].
+    pub fn external(&mut self, name: impl Into<String>, bytes: usize) -> View {
+        let buf = self.prog.persistent(name, bytes);
+        self.externals.push(buf);
+        View { buf, offset: 0, bytes }
+    }
+
+    /// An activation-typed input tensor of `shape` in an external buffer (a batch the device made).
+    pub fn external_input(&mut self, name: &str, shape: &[usize]) -> Tensor {
+        let dtype = self.dtype();
+        let view = self.external(name, shape.iter().product::<usize>() * dtype.size());
+        Tensor { view, shape: shape.to_vec(), dtype, constant: None, param: None }
+    }
+
+    /// The loss reads its targets (i32, one per row) from `targets`, an external buffer, instead of uploading the
+    /// host's: the batch of a replayed step is made on the device.
+    pub fn use_device_targets(&mut self, targets: View) {
+        self.device_targets = Some(targets);
+    }
+
+    /// The loss's gradient is multiplied by the f32 at `scale` (the loss scaler's current scale, on the device):
+    /// mixed-precision backward as GradScaler's `scale(loss).backward()`.
+    pub fn use_loss_scale(&mut self, scale: View) {
+        self.loss_scale = Some(scale);
+    }
+
+    /// Masks read their keys from `keys` (u64 per layer, `layers` of them, filled on the device each step by
+    /// `mask_keys`) instead of the host's key: the masks of a replayed step change with the device's step counter.
+    pub fn use_mask_keys(&mut self, keys: View, layers: usize) {
+        self.mask_keys = Some((keys, layers));
+    }
+
     /// A new transient tensor (an op's output).
     fn alloc(&mut self, name: &str, shape: &[usize], dtype: DType) -> Tensor {
         let bytes = shape.iter().product::<usize>() * dtype.size();
@@ -418,21 +644,39 @@ impl Cuda {
         View { buf: self.prog.transient(name, bytes), offset: 0, bytes }
     }
 
-    /// Records one step.
-    fn push(
+    /// Records one step: its name, every buffer range it reads and writes, and the launches it makes. Public so a
+    /// trainer can append its own steps (the optimizer, the step counter) to the program the model recorded.
+    pub fn push(
         &mut self,
         name: impl Into<String>,
         reads: Vec<Access>,
         writes: Vec<Access>,
         run: impl Fn(&Bound<'_>) -> Result<()> + Send + Sync + 'static,
     ) {
+        self.late_push |= self.ran.is_some();
         self.prog.push(name, reads, writes, Box::new(run));
+    }
+
+    /// The gradient buffer's view of the trainable range (element offsets `grad_range`), when there is one.
+    pub fn grad_range_view(&self) -> Option<(View, (usize, usize))> {
+        let (start, end) = self.grad_range;
+        self.bufs.grads.map(|g| (View { buf: g, offset: start * 4, bytes: (end - start) * 4 }, self.grad_range))
+    }
+
+    /// The masters' view of element range `range` (the trainable range, for the optimizer).
+    pub fn masters_view(&self, (start, end): (usize, usize)) -> View {
+        View { buf: self.bufs.masters, offset: start * 4, bytes: (end - start) * 4 }
+    }
+
+    /// The f16 mirror's view of element range `range`, for the f16 path.
+    pub fn halves_view(&self, (start, end): (usize, usize)) -> Option<View> {
+        self.bufs.halves.map(|h| View { buf: h, offset: start * 2, bytes: (end - start) * 2 })
     }
 
     /// The f32 master of a parameter.
     fn master_view(&self, id: ParamId) -> View {
         let p = &self.params[id];
-        View { buf: self.masters.buf, offset: p.offset * 4, bytes: p.numel() * 4 }
+        View { buf: self.bufs.masters, offset: p.offset * 4, bytes: p.numel() * 4 }
     }
 
     /// A parameter's values in the activation type: the master for f32, the f16 copy for f16. `w` must be a
@@ -441,10 +685,10 @@ impl Cuda {
         if w.dtype == self.dtype() {
             return Ok(w.view);
         }
-        match (w.param, &self.halves) {
+        match (w.param, self.bufs.halves) {
             (Some(id), Some(h)) => {
                 let p = &self.params[id];
-                Ok(View { buf: h.buf, offset: p.offset * 2, bytes: p.numel() * 2 })
+                Ok(View { buf: h, offset: p.offset * 2, bytes: p.numel() * 2 })
             }
             _ => bail!(
                 "a weight of type {:?} is neither a parameter nor of the activation type {:?}",
@@ -472,8 +716,8 @@ impl Cuda {
 
     fn slot_view(&self, id: ParamId) -> Option<View> {
         let p = &self.params[id];
-        let g = self.grads.as_ref()?;
-        p.slot.map(|s| View { buf: g.buf, offset: s * 4, bytes: p.numel() * 4 })
+        let g = self.bufs.grads?;
+        p.slot.map(|s| View { buf: g, offset: s * 4, bytes: p.numel() * 4 })
     }
 
     /// Keeps a transient result alive to the end of the program so [`Cuda::download`] can read it after the run.
@@ -483,28 +727,88 @@ impl Cuda {
         }
     }
 
-    /// Plans the program, allocates its arena and runs it. `poison` fills the arena with 0xFF bytes first (NaN in
-    /// f32 and f16), so a read of a buffer never written shows as NaN in the results.
+    /// Plans the program, allocates its arena and runs it, then waits for the device. `poison` fills the arena with
+    /// 0xFF bytes first (NaN in f32 and f16), so a read of a buffer never written shows as NaN in the results. A
+    /// program may run again (the same plan and arena, so the same addresses); external buffers need
+    /// [`Cuda::run_bound`].
     pub fn run(&mut self, poison: bool) -> Result<()> {
-        ensure!(self.ran.is_none(), "this program has run already: record a new one (a new Cuda) for the next step");
+        self.run_bound(poison, &Bindings::default())?;
+        self.gpu.sync()
+    }
+
+    /// Plans the program and allocates its arena (once; nothing runs). [`Cuda::run_bound`] calls it; a caller that
+    /// captures the run calls it first, since nothing may allocate inside a capture.
+    pub fn prepare(&mut self) -> Result<()> {
+        if self.ran.is_some() {
+            return Ok(());
+        }
         if !self.kept.is_empty() {
             // A step that moves nothing: it only extends the kept buffers' live ranges to the end.
             let reads = self.kept.iter().map(|&buf| Access { buf, bytes: 0 }).collect();
-            self.push("keep results", reads, vec![], |_| Ok(()));
+            self.prog.push("keep results", reads, vec![], Box::new(|_| Ok(())));
         }
         let plan = self.prog.plan().context("planning the step program")?;
         let arena = self.gpu.alloc.alloc(plan.arena_bytes.max(1)).context("allocating the arena")?;
-        {
-            let mut bindings = Bindings::default();
-            let owned = [Some(&self.masters), self.halves.as_ref(), self.grads.as_ref(), self.bn_block.as_ref()];
-            for o in owned.into_iter().flatten().chain(&self.uploads) {
-                bindings.bind(o.buf, DevSlice::of(&o.block));
-            }
-            self.prog.execute(&plan, &self.gpu, &arena, &bindings, poison).context("running the step program")?;
-        }
-        self.gpu.sync()?;
         self.ran = Some(Ran { plan, arena });
         Ok(())
+    }
+
+    /// Issues every step of the program on the device's stream without waiting for it, with the external buffers
+    /// bound by `external` (every buffer [`Cuda::external`] declared must be bound). Plans and allocates on the
+    /// first call.
+    pub fn run_bound(&mut self, poison: bool, external: &Bindings<'_>) -> Result<()> {
+        self.run_observed(poison, external, &mut |_| Ok(()))
+    }
+
+    /// [`Cuda::run_bound`], calling `after(i)` once step `i` is issued.
+    pub fn run_observed(
+        &mut self,
+        poison: bool,
+        external: &Bindings<'_>,
+        after: &mut dyn FnMut(usize) -> Result<()>,
+    ) -> Result<()> {
+        ensure!(
+            !self.late_push,
+            "a step was recorded after this program first ran: its plan does not cover it; record a new program"
+        );
+        self.prepare()?;
+        let ran = self.ran.as_ref().context("the program was not prepared")?;
+        let mut bindings = external.clone();
+        for &buf in &self.externals {
+            ensure!(
+                bindings.has(buf),
+                "external buffer '{}' is not bound: bind it for every run",
+                self.prog.buffers()[buf.0 as usize].name
+            );
+        }
+        let st = &self.state;
+        let owned = [
+            Some((self.bufs.masters, &st.masters)),
+            self.bufs.halves.zip(st.halves.as_ref()),
+            self.bufs.grads.zip(st.grads.as_ref()),
+            self.bufs.bn.zip(st.bn_block.as_ref()),
+        ];
+        for (buf, block) in owned.into_iter().flatten() {
+            bindings.bind(buf, DevSlice::of(block));
+        }
+        for o in &self.uploads {
+            bindings.bind(o.buf, DevSlice::of(&o.block));
+        }
+        self.prog
+            .execute_observed(&ran.plan, &self.gpu, &ran.arena, &bindings, poison, after)
+            .context("running the step program")
+    }
+
+    /// Fills the program's arena with 0xFF bytes (NaN in f32 and f16) outside any run: between replays of a
+    /// captured step, a buffer whose stale contents a replay would read shows as NaN.
+    pub fn poison_arena(&self) -> Result<()> {
+        let ran = self.ran()?;
+        self.gpu.fill(&ran.arena, 0, ran.arena.len_bytes(), 0xFF)
+    }
+
+    /// Bytes of the program's arena (after [`Cuda::prepare`]).
+    pub fn arena_bytes(&self) -> Option<usize> {
+        self.ran.as_ref().map(|r| r.arena.len_bytes())
     }
 
     fn ran(&self) -> Result<&Ran> {
@@ -543,17 +847,28 @@ impl Cuda {
     }
 
     fn owned(&self, buf: BufId) -> Option<&Block> {
-        let owned = [Some(&self.masters), self.halves.as_ref(), self.grads.as_ref(), self.bn_block.as_ref()];
-        owned.into_iter().flatten().chain(&self.uploads).find(|o| o.buf == buf).map(|o| &o.block)
+        let st = &self.state;
+        let owned = [
+            Some((self.bufs.masters, &st.masters)),
+            self.bufs.halves.zip(st.halves.as_ref()),
+            self.bufs.grads.zip(st.grads.as_ref()),
+            self.bufs.bn.zip(st.bn_block.as_ref()),
+        ];
+        owned
+            .into_iter()
+            .flatten()
+            .find(|(b, _)| *b == buf)
+            .map(|(_, block)| block)
+            .or_else(|| self.uploads.iter().find(|o| o.buf == buf).map(|o| &o.block))
     }
 
     /// A parameter's gradient after the run (`None`: frozen, no slot).
     pub fn grad(&self, id: ParamId) -> Result<Option<Vec<f32>>> {
         self.ran()?;
         ensure!(id < self.params.len(), "no parameter {id} (the store has {})", self.params.len());
-        let (Some(v), Some(g)) = (self.slot_view(id), &self.grads) else { return Ok(None) };
+        let (Some(v), Some(g)) = (self.slot_view(id), &self.state.grads) else { return Ok(None) };
         let mut out = vec![0f32; v.bytes / 4];
-        self.gpu.read(&g.block, v.offset, &mut out)?;
+        self.gpu.read(g, v.offset, &mut out)?;
         Ok(Some(out))
     }
 
@@ -564,27 +879,22 @@ impl Cuda {
 
     /// Bytes of the flat gradient buffer (trainable parameters only, each slot aligned).
     pub fn grad_bytes(&self) -> usize {
-        self.grad_elems * 4
+        (self.grad_range.1 - self.grad_range.0) * 4
     }
 
     /// Running (mean, variance) of batch norm `index` on the device (after the run: updated by a training step).
     pub fn bn_stats(&self, index: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-        let info =
-            *self.bn.get(index).with_context(|| format!("no batch norm {index} (the model has {})", self.bn.len()))?;
-        let block = &self.bn_block.as_ref().context("no batch-norm statistics on the device")?.block;
-        let (mut mean, mut var) = (vec![0f32; info.c], vec![0f32; info.c]);
-        self.gpu.read(block, info.mean * 4, &mut mean)?;
-        self.gpu.read(block, info.var * 4, &mut var)?;
-        Ok((mean, var))
+        self.ran()?;
+        self.state.bn_stats(index)
     }
 
     /// The device views of batch norm `index`'s running mean and variance.
     fn bn_views(&self, index: usize, c: usize) -> Result<(View, View)> {
-        let info = *self.bn.get(index).with_context(|| {
-            format!("batch norm {index} has no device statistics (Cuda::new was given {})", self.bn.len())
+        let info = *self.state.bn.get(index).with_context(|| {
+            format!("batch norm {index} has no device statistics (Cuda::new was given {})", self.state.bn.len())
         })?;
         ensure!(info.c == c, "batch norm {index}: {c} channels, but its device statistics hold {}", info.c);
-        let buf = self.bn_block.as_ref().context("no batch-norm statistics on the device")?.buf;
+        let buf = self.bufs.bn.context("no batch-norm statistics on the device")?;
         Ok((View { buf, offset: info.mean * 4, bytes: c * 4 }, View { buf, offset: info.var * 4, bytes: c * 4 }))
     }
 
@@ -718,6 +1028,9 @@ impl Backend for Cuda {
         cfg: BnCfg,
         act: Option<Act>,
     ) -> Result<(Tensor, CudaBnSaved)> {
+        if matches!(mode, BnMode::Train { update_running: true }) {
+            self.bn_updates.push(stats.index);
+        }
         batchnorm::forward(self, x, gamma, beta, stats.index, mode, cfg, act)
     }
 
@@ -769,7 +1082,7 @@ impl Backend for Cuda {
     }
 
     fn draw_mask(&mut self, kind: MaskKind, x_shape: &[usize], p: f64, source: MaskSource<'_>) -> Result<CudaMask> {
-        dropout::draw_mask(kind, x_shape, p, source)
+        dropout::draw_mask(self, kind, x_shape, p, source)
     }
 
     fn apply_mask(&mut self, x: &Tensor, mask: &CudaMask) -> Result<Tensor> {

@@ -49,6 +49,26 @@ impl Kernels {
         targets: DevSlice,
         alpha: Option<DevSlice>,
     ) -> Result<()> {
+        self.softmax_loss_scaled::<T>(s, p, loss, dlogits, probs, bad_target, logits, targets, alpha, None)
+    }
+
+    /// [`Kernels::softmax_loss`] with the gradient scale also multiplied by one f32 read from the device
+    /// (`grad_scale`: the loss scale of a replayed mixed-precision step).
+    #[allow(clippy::too_many_arguments)]
+    pub fn softmax_loss_scaled<T: Elem>(
+        &self,
+        s: &Stream,
+        p: &LossParams,
+        loss: DevSlice,
+        dlogits: DevSlice,
+        probs: Option<DevSlice>,
+        bad_target: DevSlice,
+        logits: DevSlice,
+        targets: DevSlice,
+        alpha: Option<DevSlice>,
+        grad_scale: Option<DevSlice>,
+    ) -> Result<()> {
+        let scale = opt_checked::<f32>(grad_scale, 1, "gradient scale")?;
         let (b, k) = (p.b as usize, p.k as usize);
         let loss = loss.checked::<f32>(1, "loss out")?;
         let dl = dlogits.checked::<T>(b * k, "dlogits")?;
@@ -83,9 +103,33 @@ impl Kernels {
                 .arg(&logits)
                 .arg(&targets)
                 .arg(&alpha)
+                .arg(&scale)
                 .arg(p)
                 .run(s, cfg)?
         };
+        Ok(())
+    }
+
+    /// Adds one step to an epoch's device sums (`sums`: 4 f64): loss·B when the loss is finite (else one to the
+    /// count of non-finite losses), the rows whose argmax is the target, B.
+    pub fn train_metrics<T: Elem>(
+        &self,
+        s: &Stream,
+        sums: DevSlice,
+        loss: DevSlice,
+        logits: DevSlice,
+        targets: DevSlice,
+        (b, k): (usize, usize),
+    ) -> Result<()> {
+        let sums = sums.checked::<f64>(4, "epoch sums")?;
+        let loss = loss.checked::<f32>(1, "loss")?;
+        let logits = logits.checked::<T>(b * k, "logits")?;
+        let targets = targets.checked::<i32>(b, "targets")?;
+        let f = self.entry("loss", &format!("train_metrics_{}", T::SUFFIX))?;
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let (b, k) = (i32::try_from(b)?, i32::try_from(k)?);
+        // SAFETY: shapes checked above.
+        unsafe { Launch::new(&f).arg(&sums).arg(&loss).arg(&logits).arg(&targets).arg(&b).arg(&k).run(s, cfg)? };
         Ok(())
     }
 }

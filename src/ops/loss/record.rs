@@ -37,12 +37,15 @@ fn record(
     let bad = cu.scratch("loss bad-target flag", 4);
     let lv = logits.view;
     let dt = logits.dtype;
+    let scale = cu.loss_scale;
     let mut reads = vec![logits.access(), targets.all()];
     reads.extend(weights.map(|w| w.all()));
+    reads.extend(scale.map(|s| s.all()));
     cu.push(name, reads, vec![loss.all(), dlogits.all(), Access { buf: bad.buf, bytes: 4 }], move |b| {
         let gpu = b.gpu();
         let w = weights.map(|w| w.get(b)).transpose()?;
-        by_dtype!(dt, T => gpu.kernels.softmax_loss::<T>(&gpu.stream, &p, loss.get(b)?, dlogits.get(b)?, None, bad.get(b)?, lv.get(b)?, targets.get(b)?, w))
+        let sc = scale.map(|s| s.get(b)).transpose()?;
+        by_dtype!(dt, T => gpu.kernels.softmax_loss_scaled::<T>(&gpu.stream, &p, loss.get(b)?, dlogits.get(b)?, None, bad.get(b)?, lv.get(b)?, targets.get(b)?, w, sc))
     });
 }
 
@@ -62,12 +65,24 @@ pub(super) fn forward(
     }
     if let Some(w) = weights {
         ensure!(w.len() == k, "loss: {} class weights for {k} classes", w.len());
-        if matches!(kind, LossKind::CrossEntropy) && targets.iter().map(|&t| w[t] as f64).sum::<f64>() == 0.0 {
+        if cu.device_targets.is_none()
+            && matches!(kind, LossKind::CrossEntropy)
+            && targets.iter().map(|&t| w[t] as f64).sum::<f64>() == 0.0
+        {
             bail!("loss: the class weights of this batch's targets sum to zero");
         }
     }
-    let t32: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
-    let tv = cu.upload_raw("targets", &t32)?;
+    let tv = match cu.device_targets {
+        // A replayed step: the batch's targets are made on the device (validated when the data was loaded).
+        Some(v) => {
+            ensure!(v.bytes == n * 4, "loss: the device targets hold {} bytes for {n} rows", v.bytes);
+            v
+        }
+        None => {
+            let t32: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
+            cu.upload_raw("targets", &t32)?
+        }
+    };
     let wv = weights.map(|w| cu.upload_raw("class weights", w)).transpose()?;
     let p = params(n, k, kind, 1.0)?;
     let loss = cu.alloc("loss", &[], DType::F32);
