@@ -20,6 +20,9 @@ pub enum BenchCmd {
     /// The fused augmentation kernel on a device (cuda or emu): images/s and bytes per image against the copy
     /// bandwidth.
     Data(super::bench_data::DataArgs),
+    /// The GPU trainer on a device (cuda or emu): images/s of the captured training step, time per phase, peak
+    /// device memory, and the memory-traffic floor of the step program.
+    Train(super::bench_train::TrainArgs),
 }
 
 /// Options of `derma bench cpu`.
@@ -71,6 +74,7 @@ pub fn run_bench(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Cpu(a) => run_cpu(a),
         BenchCmd::Data(a) => super::bench_data::run(a),
+        BenchCmd::Train(a) => super::bench_train::run(a),
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_data;
+pub mod bench_train;
 pub mod data;
 pub mod eval;
 pub mod plan;

@@ -58,6 +58,8 @@ pub struct TrainArgs {
     workers: Option<usize>,
     #[arg(long, help = derma::cuda::DEVICE_HELP)]
     device: Option<DeviceRequest>,
+    /// f32, or f16 (mixed precision with loss scaling, as the seed's autocast + GradScaler; needs --device cuda
+    /// or emu) [default: f32].
     #[arg(long, value_enum)]
     precision: Option<Precision>,
     /// focal (the seed) or ce.
@@ -273,9 +275,6 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         }
     };
     let outcome = trainer::run(&TrainRun {
-        config: cfg,
-        data,
-        out: out.clone(),
         cache,
         resume: a.resume.is_some(),
         overwrite: a.overwrite,
@@ -283,6 +282,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         stop_after_steps: a.stop_after_steps,
         hold_after_steps: a.hold_after_steps,
         hold_after_epochs: a.hold_after_epochs,
+        ..TrainRun::new(cfg, data, out.clone())
     })?;
     if outcome.interrupted {
         eprintln!(

@@ -271,9 +271,11 @@ impl TrainConfig {
     }
 }
 
-/// Settings a resumed run may change because they cannot change what is computed: `epochs` (to extend a run;
-/// nothing else depends on it) and `workers` (the loader's output does not depend on its thread count).
-pub const RESUME_CHANGEABLE: [&str; 2] = ["epochs", "workers"];
+/// Settings a resumed run may change: `epochs` (to extend a run; nothing else depends on it), `workers` (the
+/// loader's output does not depend on its thread count) and `device` (the CPU reference and the CUDA backend run
+/// the same recipe with the same masks and batches; in f32 they agree to about 1e-5, so a run moved between them
+/// continues as it would have, to that agreement, not bit for bit).
+pub const RESUME_CHANGEABLE: [&str; 3] = ["epochs", "workers", "device"];
 
 /// Collects the dotted keys where two JSON trees differ (a key present on one side only counts as a difference).
 fn diff_keys(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {

@@ -5,6 +5,7 @@
 pub mod adamw;
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 pub mod early_stop;
 pub mod history;
 pub mod metrics;

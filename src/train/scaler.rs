@@ -12,7 +12,7 @@
 //!
 //! With `enabled = false` (f32 training) the scale is 1, nothing is checked or changed and no step is skipped.
 
-use anyhow::{Result, bail};
+use anyhow::{Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 
 /// Settings (torch's defaults).
@@ -69,6 +69,18 @@ impl GradScaler {
     pub fn new(config: GradScalerConfig) -> Result<Self> {
         config.validate()?;
         Ok(GradScaler { config, enabled: true, scale: config.init_scale, growth_tracker: 0 })
+    }
+
+    /// An enabled scaler with a given state (what a device trainer read back from the device).
+    pub fn with_state(config: GradScalerConfig, scale: f32, growth_tracker: u32) -> Result<Self> {
+        config.validate()?;
+        ensure!(scale.is_finite() && scale > 0.0, "loss scale {scale} must be finite and positive");
+        ensure!(
+            growth_tracker < config.growth_interval,
+            "growth tracker {growth_tracker} must be below the growth interval {}",
+            config.growth_interval
+        );
+        Ok(GradScaler { config, enabled: true, scale, growth_tracker })
     }
 
     /// A disabled scaler: scale 1, never reports an overflow, never changes.

@@ -17,6 +17,7 @@
 use super::adamw::AdamW;
 use super::checkpoint::{self, EpochProgress, TrainState};
 use super::config::{BnFrozenMode, ClassWeighting, LossKind as CfgLoss, Precision, TrainConfig};
+use super::device::{DeviceEngine, StepMode};
 use super::early_stop::EarlyStopping;
 use super::history::{EpochRecord, History};
 use super::metrics::{Report, compute_report};
@@ -28,10 +29,10 @@ use crate::autograd::Tape;
 use crate::cuda;
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::{self, PrepareOptions, PreparedData, split_mix};
-use crate::nn::{Ctx, EfficientNet};
+use crate::nn::{CounterMasks, Ctx, EfficientNet};
 use crate::ops::loss::{self, LossKind, softmax_rows};
 use crate::tensor::Array;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand_pcg::Pcg64;
@@ -57,6 +58,15 @@ pub struct TrainRun {
     pub quiet: bool,
     /// Stop (saving, as on Ctrl-C) after this many optimizer steps in this process: for tests of resumption.
     pub stop_after_steps: Option<usize>,
+    /// On a device: run every step eagerly instead of capturing each stage's step once and replaying it (for
+    /// tests that compare the two, and to debug a step).
+    pub eager_steps: bool,
+    /// Scale the loss with the GradScaler in f32 too (f16 always does): lets tests compare the scaler paths of
+    /// the CPU and the device trainers, forced overflows included.
+    pub scale_loss_in_f32: bool,
+    /// On a device: fill the step's arena with NaN bytes before every graph replay (a test hook: a replay that
+    /// reads a buffer it did not write this step fails).
+    pub poison_replays: bool,
     /// Test hook: after this many optimizer steps in this process, print a line and wait for a signal (to test
     /// SIGTERM mid-epoch on a real process).
     pub hold_after_steps: Option<usize>,
@@ -77,6 +87,9 @@ impl TrainRun {
             overwrite: false,
             quiet: false,
             stop_after_steps: None,
+            eager_steps: false,
+            scale_loss_in_f32: false,
+            poison_replays: false,
             hold_after_steps: None,
             hold_after_epochs: None,
         }
@@ -108,6 +121,8 @@ pub struct TrainOutcome {
     pub best_val_acc: Option<f64>,
     pub last: Option<EpochRecord>,
     pub run_dir: PathBuf,
+    /// What the device engine did (`None` on the CPU).
+    pub device: Option<super::device::DeviceStats>,
 }
 
 /// Validation results.
@@ -127,7 +142,7 @@ fn loss_kind(cfg: &TrainConfig) -> LossKind {
     }
 }
 
-fn argmax(row: &[f32]) -> usize {
+pub(crate) fn argmax(row: &[f32]) -> usize {
     let mut best = 0;
     for (i, &v) in row.iter().enumerate() {
         if v > row[best] {
@@ -177,12 +192,25 @@ pub fn evaluate(
     Ok(Evaluation { loss: loss_sum / n as f64, report, y_true, y_pred, probs })
 }
 
-fn resolve_device(cfg: &TrainConfig) -> Result<()> {
-    cuda::require_cpu_path(cfg.device, "training")?;
-    if cfg.precision == Precision::F16 {
-        bail!("precision f16 (mixed precision with loss scaling) needs the CUDA path; the CPU trains in f32");
+/// Where the run trains: the CPU reference or a CUDA backend device (a GPU or the emulated device).
+enum Where {
+    Cpu,
+    Device(Arc<cuda::Gpu>),
+}
+
+fn resolve_device(cfg: &TrainConfig) -> Result<Where> {
+    match cuda::select(cfg.device)? {
+        cuda::Selected::Cpu => {
+            if cfg.precision == Precision::F16 {
+                bail!(
+                    "precision f16 (mixed precision with loss scaling) needs the CUDA path (--device cuda, or emu \
+                     to run it on the emulated device); the CPU trains in f32"
+                );
+            }
+            Ok(Where::Cpu)
+        }
+        sel => Ok(Where::Device(Arc::new(cuda::Gpu::open(&sel)?))),
     }
-    Ok(())
 }
 
 fn class_weights(cfg: &TrainConfig, data: &PreparedData) -> Result<Vec<f32>> {
@@ -203,10 +231,169 @@ fn step_rng(seed: u64, epoch: usize, step: usize) -> Pcg64 {
     Pcg64::seed_from_u64(split_mix(split_mix(seed ^ 0xD50_0000 ^ epoch as u64) ^ step as u64))
 }
 
+/// Where one step of the loop is: the positions and learning rates an engine needs.
+#[derive(Clone, Copy, Debug)]
+pub struct StepCtx {
+    pub epoch: usize,
+    /// The step (batch index in the epoch) about to run; for `begin_epoch`, the first step of this process.
+    pub step: usize,
+    pub first: usize,
+    pub steps_per_epoch: usize,
+    pub frozen: usize,
+    pub lr: f64,
+    pub backbone_lr: f64,
+}
+
+/// What computes the training steps and the validation: the CPU reference ([`CpuEngine`]) or the CUDA backend
+/// (`super::device::DeviceEngine`). The epoch loop, the schedules, the history, the plots and the checkpoints are
+/// the same for both.
+pub trait Engine {
+    /// Before the epoch's first step (of this process: a resumed epoch starts at `ctx.first`).
+    fn begin_epoch(&mut self, model: &mut EfficientNet<f32>, state: &TrainState, ctx: &StepCtx) -> Result<()>;
+    /// One optimizer step (forward, loss, backward, unscale and check, AdamW, scaler update).
+    fn step(
+        &mut self,
+        model: &mut EfficientNet<f32>,
+        adamw: &mut AdamW,
+        state: &mut TrainState,
+        ctx: &StepCtx,
+    ) -> Result<()>;
+    /// After the epoch's last step: `state.progress` holds the epoch's sums.
+    fn end_epoch(&mut self, state: &mut TrainState, ctx: &StepCtx) -> Result<()>;
+    /// Brings the model, the optimizer, the scaler and `state.progress` up to date on the host (before a
+    /// checkpoint or an evaluation).
+    fn sync(&mut self, model: &mut EfficientNet<f32>, adamw: &mut AdamW, state: &mut TrainState) -> Result<()>;
+    /// What a device engine did (none for the CPU).
+    fn device_stats(&self) -> Option<super::device::DeviceStats> {
+        None
+    }
+    /// The progress bar's message after `steps_done` steps of this process in the epoch.
+    fn progress_message(&self, state: &TrainState, secs: f64, steps_done: usize) -> String;
+    /// Validation over `indices`.
+    fn evaluate(
+        &mut self,
+        model: &mut EfficientNet<f32>,
+        data: &Arc<PreparedData>,
+        indices: &[usize],
+        alpha: Option<&[f32]>,
+        kind: &LossKind,
+    ) -> Result<Evaluation>;
+}
+
+/// The CPU reference trainer's steps: batches from the host loader, the tape on the CPU backend.
+struct CpuEngine {
+    loader: Loader,
+    batches: Option<std::iter::Skip<std::iter::Enumerate<crate::data::loader::EpochIter>>>,
+    alpha: Vec<f32>,
+    kind: LossKind,
+    seed: u64,
+    frozen_bn_eval: bool,
+    batch_size: usize,
+    image_size: usize,
+    classes: usize,
+}
+
+impl Engine for CpuEngine {
+    fn begin_epoch(&mut self, _model: &mut EfficientNet<f32>, _state: &TrainState, ctx: &StepCtx) -> Result<()> {
+        self.batches = Some(self.loader.epoch(ctx.epoch as u64).enumerate().skip(ctx.first));
+        Ok(())
+    }
+
+    fn step(
+        &mut self,
+        model: &mut EfficientNet<f32>,
+        adamw: &mut AdamW,
+        state: &mut TrainState,
+        ctx: &StepCtx,
+    ) -> Result<()> {
+        let (epoch, step, lr) = (ctx.epoch, ctx.step, ctx.lr);
+        let Some((i, batch)) = self.batches.as_mut().and_then(|b| b.next()) else {
+            bail!("the loader ended before step {} of epoch {}", step + 1, epoch + 1)
+        };
+        ensure!(i == step, "the loader gave batch {i} for step {step}");
+        let batch = batch?;
+        let b = batch.labels.len();
+        let mut rng = step_rng(self.seed, epoch, step);
+        let mut tape = Tape::new();
+        let x = tape.constant(Array::new(&[b, batch.size, batch.size, 3], batch.images)?);
+        // Counter masks: the rule the device kernels compute, so a run moves between devices unchanged.
+        let mut ctx_nn = Ctx {
+            frozen_bn_eval: self.frozen_bn_eval,
+            counter_masks: Some(CounterMasks { seed: self.seed, epoch: epoch as u64, step: step as u64 }),
+            ..Ctx::train(&mut rng)
+        };
+        let logits = model.forward(&mut tape, x, &mut ctx_nn)?;
+        let l = loss::loss(&mut tape, logits, &batch.labels, Some(&self.alpha), &self.kind)?;
+        let lv = tape.value(l).data[0];
+        if !lv.is_finite() {
+            return Err(diverged(&format!("the training loss is {lv}"), epoch, step, ctx.steps_per_epoch, lr));
+        }
+        for (row, &t) in tape.value(logits).data.chunks(self.classes).zip(&batch.labels) {
+            state.progress.correct += usize::from(argmax(row) == t);
+        }
+        if state.scaler.is_enabled() {
+            // GradScaler's scale(loss).backward(): the seed is the scale.
+            let seed = Array::new(&[], vec![state.scaler.scale()])?;
+            tape.backward_with(l, seed, &mut model.params)?;
+        } else {
+            tape.backward(l, &mut model.params)?;
+        }
+        drop(tape);
+        let found_inf = {
+            let mut grads: Vec<&mut [f32]> = model.params.grads_mut().map(|(_, g)| g).collect();
+            state.scaler.unscale_and_check(&mut grads)
+        };
+        if !found_inf {
+            for (p, g) in model.params.params_and_grads_mut() {
+                let plr = if p.name.starts_with("classifier.") { lr } else { ctx.backbone_lr };
+                adamw.step_one(&p.name, &mut Arc::make_mut(&mut p.value).data, g, plr)?;
+                if p.value.data.iter().any(|v| !v.is_finite()) {
+                    let what = format!("the update made parameter {} non-finite", p.name);
+                    return Err(diverged(&what, epoch, step, ctx.steps_per_epoch, lr));
+                }
+            }
+        }
+        model.params.zero_grad();
+        state.scaler.update(found_inf);
+        state.progress.loss_sum += lv as f64 * b as f64;
+        state.progress.seen += b;
+        Ok(())
+    }
+
+    fn end_epoch(&mut self, _state: &mut TrainState, _ctx: &StepCtx) -> Result<()> {
+        self.batches = None;
+        Ok(())
+    }
+
+    fn sync(&mut self, _model: &mut EfficientNet<f32>, _adamw: &mut AdamW, _state: &mut TrainState) -> Result<()> {
+        Ok(())
+    }
+
+    fn progress_message(&self, state: &TrainState, secs: f64, _steps_done: usize) -> String {
+        format!(
+            "loss {:.4}  acc {:.3}  {:.1} img/s",
+            state.progress.loss_sum / state.progress.seen.max(1) as f64,
+            state.progress.correct as f64 / state.progress.seen.max(1) as f64,
+            (state.progress.seen as f64) / secs.max(1e-9)
+        )
+    }
+
+    fn evaluate(
+        &mut self,
+        model: &mut EfficientNet<f32>,
+        data: &Arc<PreparedData>,
+        indices: &[usize],
+        alpha: Option<&[f32]>,
+        kind: &LossKind,
+    ) -> Result<Evaluation> {
+        evaluate(model, data, indices, self.batch_size, self.image_size, alpha, kind)
+    }
+}
+
 /// Trains as configured; see the module docs.
 pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
     let cfg = &run.config;
-    resolve_device(cfg)?;
+    let place = resolve_device(cfg)?;
     let last_path = run.out.join("last.safetensors");
     let best_path = run.out.join("best.safetensors");
     // Read the checkpoint first: a resume that cannot be exact fails before any work.
@@ -220,7 +407,7 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
         if !changed.is_empty() {
             bail!(
                 "cannot resume {} with changed settings: {} (a resumed run continues exactly as the interrupted one; \
-                 only epochs and workers may change): start a new run to change them",
+                 only epochs, workers and device may change): start a new run to change them",
                 run.out.display(),
                 changed.join(", ")
             );
@@ -304,7 +491,11 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
             adam_steps: Default::default(),
             plateau: ReduceLrOnPlateau::new(cfg.plateau, &[cfg.lr])?,
             early: EarlyStopping::new(cfg.early_stopping)?,
-            scaler: GradScaler::disabled(),
+            // Mixed precision scales the loss as the seed's GradScaler does; f32 needs no scaling.
+            scaler: match (cfg.precision, run.scale_loss_in_f32) {
+                (Precision::F16, _) | (Precision::F32, true) => GradScaler::new(cfg.loss_scale)?,
+                (Precision::F32, false) => GradScaler::disabled(),
+            },
             history: History::new(),
             best_val_acc: None,
             class_weights: class_weights(cfg, &prepared)?,
@@ -319,6 +510,36 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
     lcfg.workers = workers;
     let loader = Loader::new(prepared.clone(), prepared.train.clone(), lcfg)?;
     let steps_per_epoch = loader.batches_per_epoch();
+    let mut engine: Box<dyn Engine> = match place {
+        Where::Cpu => Box::new(CpuEngine {
+            loader,
+            batches: None,
+            alpha: alpha.clone(),
+            kind: kind.clone(),
+            seed: cfg.seed,
+            frozen_bn_eval: cfg.bn_frozen_mode == BnFrozenMode::FrozenEval,
+            batch_size: cfg.batch_size,
+            image_size: cfg.image_size,
+            classes,
+        }),
+        Where::Device(gpu) => {
+            let mode = if run.eager_steps { StepMode::Eager } else { StepMode::Graph };
+            let e = DeviceEngine::new(
+                gpu,
+                cfg,
+                &model,
+                &adamw,
+                &state,
+                loader,
+                alpha.clone(),
+                kind.clone(),
+                mode,
+                run.quiet,
+                run.poison_replays,
+            )?;
+            Box::new(e)
+        }
+    };
     let mut steps_this_process = 0usize;
     let mut early_stopped = false;
     plots::register_font()?;
@@ -336,52 +557,16 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
         bar.set_position(state.progress.step as u64);
         let t0 = Instant::now();
         let first = state.progress.step;
-        for (step, batch) in loader.epoch(epoch as u64).enumerate().skip(first) {
-            let batch = batch?;
-            let b = batch.labels.len();
-            let mut rng = step_rng(cfg.seed, epoch, step);
-            let mut tape = Tape::new();
-            let x = tape.constant(Array::new(&[b, batch.size, batch.size, 3], batch.images)?);
-            let mut ctx =
-                Ctx { frozen_bn_eval: cfg.bn_frozen_mode == BnFrozenMode::FrozenEval, ..Ctx::train(&mut rng) };
-            let logits = model.forward(&mut tape, x, &mut ctx)?;
-            let l = loss::loss(&mut tape, logits, &batch.labels, Some(&alpha), &kind)?;
-            let lv = tape.value(l).data[0];
-            if !lv.is_finite() {
-                return Err(diverged(&format!("the training loss is {lv}"), epoch, step, steps_per_epoch, lr));
-            }
-            for (row, &t) in tape.value(logits).data.chunks(classes).zip(&batch.labels) {
-                state.progress.correct += usize::from(argmax(row) == t);
-            }
-            tape.backward(l, &mut model.params)?;
-            drop(tape);
-            let found_inf = {
-                let mut grads: Vec<&mut [f32]> = model.params.grads_mut().map(|(_, g)| g).collect();
-                state.scaler.unscale_and_check(&mut grads)
-            };
-            if !found_inf {
-                for (p, g) in model.params.params_and_grads_mut() {
-                    let plr = if p.name.starts_with("classifier.") { lr } else { backbone_lr };
-                    adamw.step_one(&p.name, &mut Arc::make_mut(&mut p.value).data, g, plr)?;
-                    if p.value.data.iter().any(|v| !v.is_finite()) {
-                        let what = format!("the update made parameter {} non-finite", p.name);
-                        return Err(diverged(&what, epoch, step, steps_per_epoch, lr));
-                    }
-                }
-            }
-            model.params.zero_grad();
-            state.scaler.update(found_inf);
+        let mut sctx =
+            StepCtx { epoch, step: first, first, steps_per_epoch, frozen: stage.frozen_blocks, lr, backbone_lr };
+        engine.begin_epoch(&mut model, &state, &sctx)?;
+        for step in first..steps_per_epoch {
+            sctx.step = step;
+            engine.step(&mut model, &mut adamw, &mut state, &sctx)?;
             state.progress.step = step + 1;
-            state.progress.loss_sum += lv as f64 * b as f64;
-            state.progress.seen += b;
             steps_this_process += 1;
             let secs = state.progress.seconds + t0.elapsed().as_secs_f64();
-            bar.set_message(format!(
-                "loss {:.4}  acc {:.3}  {:.1} img/s",
-                state.progress.loss_sum / state.progress.seen as f64,
-                state.progress.correct as f64 / state.progress.seen as f64,
-                (state.progress.seen as f64) / secs.max(1e-9)
-            ));
+            bar.set_message(engine.progress_message(&state, secs, step + 1 - first));
             bar.inc(1);
             if run.hold_after_steps == Some(steps_this_process) {
                 hold(&format!("after step {} of epoch {}", step + 1, epoch + 1))?;
@@ -389,6 +574,7 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
             if crate::interrupt::requested() || run.stop_after_steps.is_some_and(|n| steps_this_process >= n) {
                 state.progress.seconds = secs;
                 bar.abandon_with_message("interrupted");
+                engine.sync(&mut model, &mut adamw, &mut state)?;
                 checkpoint::save(&last_path, &model, &adamw, &state, cfg, &class_names, cfg.image_size)?;
                 eprintln!(
                     "saved {} in epoch {} after step {}/{steps_per_epoch}",
@@ -396,12 +582,14 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
                     epoch + 1,
                     step + 1
                 );
-                return Ok(outcome(&state, true, false, &run.out));
+                return Ok(outcome(&state, true, false, &run.out, engine.device_stats()));
             }
         }
+        engine.end_epoch(&mut state, &sctx)?;
+        engine.sync(&mut model, &mut adamw, &mut state)?;
         let train_seconds = state.progress.seconds + t0.elapsed().as_secs_f64();
         bar.finish_and_clear();
-        let ev = evaluate(&mut model, &prepared, &prepared.val, cfg.batch_size, cfg.image_size, Some(&alpha), &kind)?;
+        let ev = engine.evaluate(&mut model, &prepared, &prepared.val, Some(&alpha), &kind)?;
         let p = &state.progress;
         let record = EpochRecord {
             epoch: epoch + 1,
@@ -444,10 +632,10 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
         // A signal during validation or saving: the epoch is complete and saved, stop at this boundary.
         if crate::interrupt::requested() && state.epoch < cfg.epochs {
             eprintln!("saved {} after epoch {}", last_path.display(), state.epoch);
-            return Ok(outcome(&state, true, false, &run.out));
+            return Ok(outcome(&state, true, false, &run.out, engine.device_stats()));
         }
     }
-    Ok(outcome(&state, false, early_stopped, &run.out))
+    Ok(outcome(&state, false, early_stopped, &run.out, engine.device_stats()))
 }
 
 /// The error for a diverged run: what went non-finite, where (epochs and steps counted from 1), and what to do.
@@ -460,8 +648,15 @@ fn diverged(what: &str, epoch: usize, step: usize, steps_per_epoch: usize, lr: f
     )
 }
 
-fn outcome(state: &TrainState, interrupted: bool, early_stopped: bool, dir: &Path) -> TrainOutcome {
+fn outcome(
+    state: &TrainState,
+    interrupted: bool,
+    early_stopped: bool,
+    dir: &Path,
+    device: Option<super::device::DeviceStats>,
+) -> TrainOutcome {
     TrainOutcome {
+        device,
         epochs_completed: state.epoch,
         interrupted,
         early_stopped,
