@@ -26,7 +26,9 @@ use rand_pcg::Pcg64;
 
 mod cpu;
 pub mod cuda;
+mod f16ref;
 pub use cpu::{Cpu, CpuBnSaved, CpuMask};
+pub use f16ref::{F16Ref, round_f16, rounded};
 
 /// What a backward method must produce for one input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
