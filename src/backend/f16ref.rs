@@ -11,8 +11,7 @@
 //!   gradient, sums of two gradients);
 //! - the weight copies GEMMs, cuDNN and the depthwise kernels read (biases, BN's gamma and beta stay f32);
 //! - the GEMM output before its bias epilogue (a biased layer rounds twice: `f16(f16(x·wᵀ) + b)`);
-//! - squeeze-excite's scale gradient `ds`;
-//! - the stem's weight gradient: cuDNN's backward filter writes the filter's type, widened into the f32 slot.
+//! - squeeze-excite's scale gradient `ds`.
 //!
 //! Everything else is f32 on the device and `T` here: BN statistics, running statistics, the loss, the weight,
 //! bias, gamma and beta gradients. Sigmoid's backward reads the (rounded) output, as the kernel does.
@@ -66,13 +65,6 @@ fn add_bias<T: Float>(y: Arc<Array<T>>, bias: Option<&Arc<Array<T>>>) -> Arc<Arr
         *v = round_f16(T::of_f64(v.as_f64() + b.data[i % c].as_f64()));
     }
     y
-}
-
-/// Whether the CUDA backend runs this convolution on cuDNN (not a GEMM, not the depthwise kernels): the mirror of
-/// the conv recording's dispatch. Only there is the weight gradient written in f16.
-fn on_cudnn(g: &ConvGeom) -> bool {
-    let dw_kernel = g.is_depthwise() && g.kh == g.kw && g.kh % 2 == 1 && g.pad == (g.kh - 1) / 2;
-    !g.is_pointwise() && !dw_kernel
 }
 
 impl<T: Float> F16Ref<T> {
@@ -131,7 +123,6 @@ impl<T: Float> Backend for F16Ref<T> {
         want: [Want; 3],
     ) -> Result<[Option<Self::Tensor>; 3]> {
         let [dx, dw, db] = self.0.conv2d_backward(g, x, &w16(w), dy, want)?;
-        let dw = if on_cudnn(g) { ro(dw) } else { dw };
         Ok([ro(dx), dw, db])
     }
 
