@@ -244,3 +244,32 @@ impl<T: Float> Backend for F16Ref<T> {
         Ok(r(self.0.loss_backward(saved, logits, dy)?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_to_nearest_f16_ties_to_even() {
+        // f16 has 10 fraction bits: spacing 2^-10 in [1, 2).
+        let u = 2f64.powi(-10);
+        assert_eq!(round_f16(1.0 + 0.5 * u), 1.0, "a tie goes to the even neighbour");
+        assert_eq!(round_f16(1.0 + 1.5 * u), 1.0 + 2.0 * u);
+        assert_eq!(round_f16(1.0 + 0.51 * u), 1.0 + u);
+        assert_eq!(round_f16(1e6f64), f64::INFINITY, "beyond 65504 is infinite, as on the device");
+        assert_eq!(round_f16(3.0f32), 3.0);
+    }
+
+    #[test]
+    fn a_biased_layer_rounds_before_and_after_its_bias() {
+        let mut r = F16Ref::<f64>::default();
+        let u = 2f64.powi(-10);
+        // x·w = 1 + 0.4u rounds to 1, and 1 + 0.3u to 1 again; one rounding of 1 + 0.7u would give 1 + u.
+        let x = Arc::new(Array { shape: vec![1, 1], data: vec![1.0 + 0.4 * u] });
+        let w = Arc::new(Array { shape: vec![1, 1], data: vec![1.0] });
+        let b = Arc::new(Array { shape: vec![1], data: vec![0.3 * u] });
+        let y = r.linear(&x, &w, Some(&b)).unwrap();
+        assert_eq!(y.data[0], 1.0);
+        assert_eq!(round_f16(1.0 + 0.7 * u), 1.0 + u);
+    }
+}
