@@ -155,25 +155,25 @@ struct Exact {
 }
 
 fn exact_step(m32: &EfficientNet<f32>, frozen_bn_eval: bool, s: Setup) -> Exact {
-    reference_step(m32, Cpu::<f64>::default(), frozen_bn_eval, s)
+    reference_step(m32, Cpu::<f64>::default(), false, frozen_bn_eval, s)
 }
 
-/// The step on a CPU reference backend in f64 (exact, or with the f16 program's storage rounding), from the same
-/// f32 weights.
+/// The step on a CPU reference backend in f64 (exact, or with the f16 program's storage rounding, which also
+/// rounds the input: `round_input`), from the same f32 weights.
 fn reference_step<B: Backend<Host = f64, Tensor = Arc<Array<f64>>>>(
     m32: &EfficientNet<f32>,
     backend: B,
+    round_input: bool,
     frozen_bn_eval: bool,
     s: Setup,
 ) -> Exact {
     let mut m = EfficientNet::<f64>::new(m32.config.clone(), 7);
     m.load_state_dict(&m32.state_dict()).unwrap();
     m.freeze_blocks(m32.frozen_blocks).unwrap();
-    let round = std::any::TypeId::of::<B>() == std::any::TypeId::of::<F16Ref<f64>>();
     let mut tape = Tape::<f64, B>::on(backend);
     let img = images(1, s);
     let img = Array::new(&img.shape, img.data.iter().map(|&v| v as f64).collect()).unwrap();
-    let x = tape.input(Arc::new(if round { rounded(&img) } else { img }));
+    let x = tape.input(Arc::new(if round_input { rounded(&img) } else { img }));
     let mut rng = Pcg64::seed_from_u64(0);
     let mut ctx = train_ctx(&mut rng, frozen_bn_eval);
     let logits = m.forward(&mut tape, x, &mut ctx).unwrap();
@@ -526,7 +526,7 @@ struct F16Worst {
 fn f16_against_reference(frozen: usize, s: Setup, head: HeadKind, frozen_bn_eval: bool) -> (F16Worst, F16Worst) {
     let mut dev_model = model_with(frozen, s, head);
     let initial = dev_model.clone();
-    let reference = reference_step(&dev_model, F16Ref::<f64>::default(), frozen_bn_eval, s);
+    let reference = reference_step(&dev_model, F16Ref::<f64>::default(), true, frozen_bn_eval, s);
     let exact = exact_step(&dev_model, frozen_bn_eval, s);
     let (mut cuda, [lt, ll]) = record(&mut dev_model, Precision::F16, frozen_bn_eval, s);
     cuda.run(true).unwrap();

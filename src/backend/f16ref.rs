@@ -36,7 +36,8 @@ pub fn round_f16<T: Float>(v: T) -> T {
     T::of_f64(f16::from_f64(v.as_f64()).to_f64())
 }
 
-/// A copy of `a` rounded to f16.
+/// A copy of `a` rounded to f16 (what [`crate::backend::cuda::Cuda::input`] uploads for the f16 path: round a
+/// reference step's input with it).
 pub fn rounded<T: Float>(a: &Array<T>) -> Array<T> {
     Array { shape: a.shape.clone(), data: a.data.iter().map(|&v| round_f16(v)).collect() }
 }
@@ -65,13 +66,6 @@ fn add_bias<T: Float>(y: Arc<Array<T>>, bias: Option<&Arc<Array<T>>>) -> Arc<Arr
         *v = round_f16(T::of_f64(v.as_f64() + b.data[i % c].as_f64()));
     }
     y
-}
-
-impl<T: Float> F16Ref<T> {
-    /// Rounds an input as [`crate::backend::cuda::Cuda::input`] uploads it in f16.
-    pub fn input(&self, a: &Array<T>) -> Array<T> {
-        rounded(a)
-    }
 }
 
 impl<T: Float> Backend for F16Ref<T> {
