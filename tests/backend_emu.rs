@@ -11,13 +11,22 @@
 //! `1e-5 + 8 x (the CPU f32 path's worst error on that tensor)`. A wrong index, mask, layout or statistic is off by
 //! orders of magnitude more. `floor` covers structural zeros (a bias gradient in front of a training-mode BN sums
 //! to zero; a running mean of zero-mean activations): their error is that of the terms that cancel.
+//!
+//! The f16 path is judged against the f16 storage reference ([`F16Ref`]: the CPU reference in f64 rounding to f16
+//! exactly where the f16 program stores f16), op by op on the device's own inputs (each within one f16 ulp) and
+//! as a whole step where this random-init network does not make that comparison chaotic (see the f16 tests).
 
 use derma::autograd::{ParamStore, Tape};
 use derma::backend::cuda::{Cuda, Precision};
+use derma::backend::cuda::{CudaBnSaved, CudaLossSaved, CudaMask, Tensor as DevT};
+use derma::backend::{Backend, BnStats, Cpu, F16Ref, MaskKind, MaskSource, Want, rounded};
 use derma::cuda::Gpu;
 use derma::nn::efficientnet::Head;
 use derma::nn::{BatchNorm, CounterMasks, Ctx, EfficientNet, HeadKind, ModelConfig};
+use derma::ops::activation::Act;
 use derma::ops::batchnorm::BnState;
+use derma::ops::batchnorm::{BnCfg, BnMode};
+use derma::ops::conv::ConvGeom;
 use derma::ops::loss::{self, LossKind};
 use derma::tensor::Array;
 use rand::{RngExt, SeedableRng};
@@ -64,7 +73,12 @@ fn batch_norms(m: &mut EfficientNet<f32>) -> Vec<&mut BatchNorm<f32>> {
 /// Full-size B0 with the seed head, its running statistics calibrated on one batch of other images (as after
 /// training: a frozen block's eval-mode BN then normalizes), and blocks `0..frozen` frozen.
 fn model(frozen: usize, s: Setup) -> EfficientNet<f32> {
-    let mut m = EfficientNet::<f32>::new(ModelConfig::b0(CLASSES, HeadKind::Seed), 7);
+    model_with(frozen, s, HeadKind::Seed)
+}
+
+/// As [`model`], with the given head.
+fn model_with(frozen: usize, s: Setup, head: HeadKind) -> EfficientNet<f32> {
+    let mut m = EfficientNet::<f32>::new(ModelConfig::b0(CLASSES, head), 7);
     for bn in batch_norms(&mut m) {
         bn.cfg.momentum = 1.0;
     }
@@ -141,12 +155,25 @@ struct Exact {
 }
 
 fn exact_step(m32: &EfficientNet<f32>, frozen_bn_eval: bool, s: Setup) -> Exact {
+    reference_step(m32, Cpu::<f64>::default(), false, frozen_bn_eval, s)
+}
+
+/// The step on a CPU reference backend in f64 (exact, or with the f16 program's storage rounding, which also
+/// rounds the input: `round_input`), from the same f32 weights.
+fn reference_step<B: Backend<Host = f64, Tensor = Arc<Array<f64>>>>(
+    m32: &EfficientNet<f32>,
+    backend: B,
+    round_input: bool,
+    frozen_bn_eval: bool,
+    s: Setup,
+) -> Exact {
     let mut m = EfficientNet::<f64>::new(m32.config.clone(), 7);
     m.load_state_dict(&m32.state_dict()).unwrap();
     m.freeze_blocks(m32.frozen_blocks).unwrap();
-    let mut tape = Tape::<f64>::new();
+    let mut tape = Tape::<f64, B>::on(backend);
     let img = images(1, s);
-    let x = tape.constant(Array::new(&img.shape, img.data.iter().map(|&v| v as f64).collect()).unwrap());
+    let img = Array::new(&img.shape, img.data.iter().map(|&v| v as f64).collect()).unwrap();
+    let x = tape.input(Arc::new(if round_input { rounded(&img) } else { img }));
     let mut rng = Pcg64::seed_from_u64(0);
     let mut ctx = train_ctx(&mut rng, frozen_bn_eval);
     let logits = m.forward(&mut tape, x, &mut ctx).unwrap();
@@ -313,65 +340,11 @@ fn rms_error_and_cosine(got: &[f32], want: &[f64]) -> (f64, f64) {
     ((e2 / w2.max(f64::MIN_POSITIVE)).sqrt(), dot / (g2 * w2).sqrt().max(f64::MIN_POSITIVE))
 }
 
-/// The f16 step: every value finite with the arena poisoned (the f16 program reads nothing it did not write),
-/// slots exactly for the trainable parameters, and logits, loss and the whole gradient close to the exact step.
-/// The bounds are looser than 2e-2 per element because this random-init network amplifies rounding by about
-/// 2000x at the logits (the CPU f32 path's own logits error is ~1e-4 = 2000 f32 roundings): f16's rounding, 8192x
-/// f32's, shows at the few-percent level in the logits and more in individual gradient elements.
-fn f16_stage(frozen: usize) {
-    let mut dev_model = model(frozen, SMALL);
-    let exact = exact_step(&dev_model, true, SMALL);
-    let (mut cuda, [lt, ll]) = record(&mut dev_model, Precision::F16, true, SMALL);
-    cuda.run(true).unwrap();
-    let logits = cuda.download(&lt).unwrap();
-    let loss = cuda.download(&ll).unwrap();
-    assert!(logits.iter().chain(&loss).all(|v| v.is_finite()), "stage {frozen}: non-finite logits or loss");
-    let (logit_err, _) = rms_error_and_cosine(&logits, &exact.logits);
-    let loss_err = ((loss[0] as f64 - exact.loss) / exact.loss).abs();
-    let (mut all_dev, mut all_exact) = (Vec::new(), Vec::new());
-    for id in 0..dev_model.params.len() {
-        let p = dev_model.params.get(id);
-        assert_eq!(cuda.has_slot(id), p.trainable, "{}: a slot exactly when trainable", p.name);
-        match (cuda.grad(id).unwrap(), &exact.grads[id]) {
-            (Some(d), Some(x)) => {
-                assert!(d.iter().all(|v| v.is_finite()), "stage {frozen} f16 grad {}: non-finite values", p.name);
-                // Each tensor at its own scale, so the model-wide figure is not one layer's.
-                let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|e| e * e).sum::<f64>().sqrt();
-                let n = norm(&mut x.iter().copied()).max(norm(&mut d.iter().map(|&e| e as f64))).max(f64::MIN_POSITIVE);
-                all_dev.extend(d.iter().map(|&v| (v as f64 / n) as f32));
-                all_exact.extend(x.iter().map(|v| v / n));
-            }
-            (None, None) => assert!(!p.trainable),
-            (d, x) => {
-                panic!("stage {frozen} {}: device gradient {} but exact gradient {}", p.name, d.is_some(), x.is_some())
-            }
-        }
-    }
-    let (grad_err, grad_cos) = rms_error_and_cosine(&all_dev, &all_exact);
-    eprintln!(
-        "stage {frozen} F16: logits rms error {logit_err:.3e}, loss error {loss_err:.3e}, gradients rms error \
-         {grad_err:.3e} (cosine {grad_cos:.4})"
-    );
-    assert!(logit_err < F16_LOGITS, "stage {frozen}: f16 logits rms error {logit_err:.3e}");
-    assert!(loss_err < F16_LOGITS, "stage {frozen}: f16 loss error {loss_err:.3e}");
-    assert!(grad_cos > F16_GRAD_COSINE, "stage {frozen}: f16 gradients' cosine to the exact ones {grad_cos:.4}");
-}
-
-const F16_LOGITS: f64 = 0.3;
-const F16_GRAD_COSINE: f64 = 0.6;
-
 #[test]
 fn f32_step_at_224_matches_in_the_first_and_last_stage() {
     // Full resolution (the smallest batch a training-mode BN takes): the spatial sizes the model trains at.
     for frozen in [0, 9] {
         compare_stage(frozen, Precision::F32, true, Setup { batch: 2, size: 224 });
-    }
-}
-
-#[test]
-fn f16_step_runs_and_tracks_the_exact_step() {
-    for frozen in [0, 5, 9] {
-        f16_stage(frozen);
     }
 }
 
@@ -454,7 +427,6 @@ fn host_masks_and_second_parameter_reads_are_refused() {
 
 #[test]
 fn loss_backward_scales_by_a_constant_seed() {
-    use derma::backend::{Backend, Cpu};
     let (n, k) = (3, 5);
     let mut r = Pcg64::seed_from_u64(4);
     let logits = Array::new(&[n, k], (0..n * k).map(|_| r.random_range(-3.0..3.0)).collect()).unwrap();
@@ -523,4 +495,583 @@ fn f16_eval_forward_amplifies_rounding_no_more_than_f32() {
     eprintln!("eval logits rms error: f32 {e32:.3e} ({:.0} roundings), f16 {e16:.3e} ({:.0})", e32 / u32_, e16 / u16_);
     assert!(e32 <= 1e-4, "f32 eval logits error {e32:.3e}");
     assert!(e16 / u16_ <= 2.0 * e32 / u32_, "f16 amplifies its rounding more than f32: {e16:.3e} vs {e32:.3e}");
+}
+
+/// `‖got − want‖ / max(‖want‖, floor·√n)`: the rms error relative to the tensor's rms (or to `floor` where the
+/// tensor is a structural zero).
+fn rms_rel(got: &[f32], want: &[f64], floor: f64) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let n = want.len().max(1) as f64;
+    let (mut e2, mut w2) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        assert!(g.is_finite(), "non-finite device value");
+        e2 += (g as f64 - w).powi(2);
+        w2 += w * w;
+    }
+    (e2 / n).sqrt() / (w2 / n).sqrt().max(floor).max(f64::MIN_POSITIVE)
+}
+
+/// Worst per-tensor rms-relative error of the f16 device step against the f16 storage reference, per class of
+/// tensor: (logits, loss, gradients, running statistics), with the name of the worst gradient; and the same for
+/// the reference against the exact step (how far f16 storage itself moves this step).
+#[derive(Debug, Default, Clone)]
+struct F16Worst {
+    logits: f64,
+    loss: f64,
+    grads: f64,
+    worst_grad: String,
+    stats: f64,
+}
+
+fn f16_against_reference(frozen: usize, s: Setup, head: HeadKind, frozen_bn_eval: bool) -> (F16Worst, F16Worst) {
+    let mut dev_model = model_with(frozen, s, head);
+    let initial = dev_model.clone();
+    let reference = reference_step(&dev_model, F16Ref::<f64>::default(), true, frozen_bn_eval, s);
+    let exact = exact_step(&dev_model, frozen_bn_eval, s);
+    let (mut cuda, [lt, ll]) = record(&mut dev_model, Precision::F16, frozen_bn_eval, s);
+    cuda.run(true).unwrap();
+    let (mut d, mut x) = (F16Worst::default(), F16Worst::default());
+    let to32 = |v: &[f64]| -> Vec<f32> { v.iter().map(|&v| v as f32).collect() };
+    d.logits = rms_rel(&cuda.download(&lt).unwrap(), &reference.logits, 0.0);
+    x.logits = rms_rel(&to32(&reference.logits), &exact.logits, 0.0);
+    d.loss = rms_rel(&cuda.download(&ll).unwrap(), &[reference.loss], 0.0);
+    x.loss = rms_rel(&[reference.loss as f32], &[exact.loss], 0.0);
+    let store = &dev_model.params;
+    let rms = |g: &[f64]| (g.iter().map(|v| v * v).sum::<f64>() / g.len().max(1) as f64).sqrt();
+    for id in 0..store.len() {
+        let p = store.get(id);
+        assert_eq!(cuda.has_slot(id), p.trainable, "{}: a slot exactly when trainable", p.name);
+        let (Some(dg), Some(rg), Some(eg)) = (cuda.grad(id).unwrap(), &reference.grads[id], &exact.grads[id]) else {
+            assert!(!p.trainable, "{} is trainable but has no gradient", p.name);
+            continue;
+        };
+        // A bias (or BN beta) whose gradient is a structural zero: judged at its sibling weight's gradient scale.
+        let sibling = p.name.strip_suffix(".bias").and_then(|stem| store.id(&format!("{stem}.weight")));
+        let floor = sibling.and_then(|s| reference.grads[s].as_ref()).map_or(0.0, |g| rms(g));
+        let e = rms_rel(&dg, rg, floor);
+        if e > d.grads {
+            (d.grads, d.worst_grad) = (e, p.name.clone());
+        }
+        let e = rms_rel(&to32(rg), eg, floor);
+        if e > x.grads {
+            (x.grads, x.worst_grad) = (e, p.name.clone());
+        }
+    }
+    let start = initial.batch_norms();
+    for (i, bn) in dev_model.batch_norms().iter().enumerate() {
+        let (mean, var) = cuda.bn_stats(i).unwrap();
+        // The running mean of zero-mean activations is a structural zero: judged at momentum × the batch std.
+        let mo = bn.cfg.momentum;
+        let batch_var = reference.stats[i]
+            .1
+            .iter()
+            .zip(&start[i].state.running_var)
+            .map(|(&rv, &rv0)| ((rv - (1.0 - mo) * rv0 as f64) / mo).max(0.0))
+            .sum::<f64>()
+            / mean.len() as f64;
+        let floor = mo * batch_var.sqrt();
+        let (rm, rv) = &reference.stats[i];
+        d.stats = d.stats.max(rms_rel(&mean, rm, floor)).max(rms_rel(&var, rv, 0.0));
+        x.stats =
+            x.stats.max(rms_rel(&to32(rm), &exact.stats[i].0, floor)).max(rms_rel(&to32(rv), &exact.stats[i].1, 0.0));
+    }
+    eprintln!(
+        "stage {frozen} {head:?} {}x{} b{}: device vs f16 reference {d:.3?}; f16 reference vs exact {x:.3?}",
+        s.size, s.size, s.batch
+    );
+    (d, x)
+}
+
+/// The f16 step against the f16 storage reference, per tensor (rms error relative to the tensor's rms; floors for
+/// structural zeros as in the f32 comparison), on full-size B0 at 64x64, batch 4, with the torchvision head.
+///
+/// Where it is meaningful. This random-init network is chaotic under f16 storage: the device's f32 sums flip about
+/// one f16 rounding in 2,000 against the reference's f64 sums (each op is within one f16 ulp, see
+/// `f16_ops_agree_with_the_f16_storage_reference_on_their_own_inputs`), and the network amplifies those flips as
+/// it amplifies the rounding itself, so the device lands about as far from the reference as the reference is from
+/// the exact step. Measured (device vs reference; reference vs exact), worst tensor: with the seed head, stage 0,
+/// gradients 0.69; 0.53, stage 9 logits 0.10; 0.23 (eval-mode frozen BN amplifies the forward, the batch-4
+/// BatchNorm1d after a ReLU turns gradients of channels with one active sample into rounding noise); with the
+/// torchvision head, stage 0: logits 0.008; 0.016, gradients 0.088; 0.108; stage 5: logits 0.010; 0.021,
+/// gradients 0.036; 0.069; stage 9 with frozen blocks' BN in train mode: everything within 0.013; 0.018. So
+/// logits, loss and running statistics are held to 2e-2 in every stage, gradients to 2e-2 in stage 9 (head only)
+/// and, in stages 0 and 5, to 2e-2 or 1.5x the reference's own distance from the exact step, whichever is larger:
+/// a wrong kernel or layout is off by order one.
+#[test]
+fn f16_step_matches_the_f16_storage_reference() {
+    for (frozen, frozen_bn_eval) in [(0, true), (5, true), (9, false)] {
+        let (d, x) = f16_against_reference(frozen, SMALL, HeadKind::Torchvision, frozen_bn_eval);
+        let tag = format!("stage {frozen} f16 against the f16 storage reference");
+        assert!(d.logits <= F16_TOL, "{tag}: logits {:.3e}", d.logits);
+        assert!(d.loss <= F16_TOL, "{tag}: loss {:.3e}", d.loss);
+        assert!(d.stats <= F16_TOL, "{tag}: running statistics {:.3e}", d.stats);
+        let grad_bound = if frozen == 9 { F16_TOL } else { F16_TOL.max(F16_CHAOS * x.grads) };
+        assert!(d.grads <= grad_bound, "{tag}: gradient of {} {:.3e} > {grad_bound:.3e}", d.worst_grad, d.grads);
+    }
+}
+
+const F16_TOL: f64 = 2e-2;
+/// How much farther from the f16 reference the device may be than the reference is from the exact step, where
+/// the comparison is chaotic (see `f16_step_matches_the_f16_storage_reference`).
+const F16_CHAOS: f64 = 1.5;
+
+// Per-op replay: each f16 device op against the f16 storage reference fed the device's own inputs.
+
+/// One recorded call: what the replay needs to recompute it on the CPU.
+enum Call {
+    Conv { g: ConvGeom, x: DevT, w: DevT, b: Option<DevT>, y: DevT },
+    ConvB { g: ConvGeom, x: DevT, w: DevT, dy: DevT, want: [Want; 3], out: [Option<DevT>; 3] },
+    Linear { x: DevT, w: DevT, b: Option<DevT>, y: DevT },
+    LinearB { x: DevT, w: DevT, dy: DevT, want: [Want; 3], out: [Option<DevT>; 3] },
+    Bn { x: DevT, g: DevT, b: DevT, index: usize, mode: BnMode, cfg: BnCfg, act: Option<Act>, y: DevT },
+    BnB { fwd: usize, x: DevT, g: DevT, b: DevT, dy: DevT, act: Option<Act>, want: [Want; 3], out: [Option<DevT>; 3] },
+    Act { act: Act, x: DevT, y: DevT },
+    ActB { act: Act, x: DevT, y: DevT, dy: DevT, dx: DevT },
+    Add { a: DevT, b: DevT, y: DevT },
+    Accum { a: DevT, b: DevT, y: DevT },
+    Scale { x: DevT, s: DevT, y: DevT },
+    ScaleB { x: DevT, s: DevT, dy: DevT, want: [Want; 2], out: [Option<DevT>; 2] },
+    Pool { x: DevT, y: DevT },
+    PoolB { shape: Vec<usize>, dy: DevT, dx: DevT },
+    Mask { x: DevT, kind: MaskKind, p: f64, key: u64, y: DevT },
+    LossB { logits: DevT, targets: Vec<usize>, weights: Option<Vec<f32>>, kind: LossKind, dy: f64, dx: DevT },
+}
+
+/// The CUDA backend, logging every call and keeping every result for the replay.
+struct Trace {
+    cu: Cuda,
+    calls: Vec<Call>,
+    /// The backward seed (a loss scale, as GradScaler applies it).
+    seed: f64,
+}
+
+struct TraceMask {
+    m: CudaMask,
+    kind: MaskKind,
+    p: f64,
+    key: u64,
+}
+
+struct TraceLoss {
+    s: CudaLossSaved,
+    targets: Vec<usize>,
+    weights: Option<Vec<f32>>,
+    kind: LossKind,
+}
+
+impl Trace {
+    fn keep(&mut self, t: &DevT) -> DevT {
+        self.cu.keep(t);
+        t.clone()
+    }
+    fn keep_all<const N: usize>(&mut self, o: &[Option<DevT>; N]) -> [Option<DevT>; N] {
+        o.clone().map(|t| t.map(|t| self.keep(&t)))
+    }
+}
+
+impl Backend for Trace {
+    type Host = f32;
+    type Tensor = DevT;
+    type BnSaved = (CudaBnSaved, usize);
+    type Mask = TraceMask;
+    type LossSaved = TraceLoss;
+    fn shape(t: &DevT) -> &[usize] {
+        &t.shape
+    }
+    fn param(&mut self, store: &ParamStore<f32>, id: usize) -> anyhow::Result<DevT> {
+        self.cu.param(store, id)
+    }
+    fn full(&mut self, shape: &[usize], value: f64) -> anyhow::Result<DevT> {
+        self.cu.full(shape, value * self.seed)
+    }
+    fn accumulate(&mut self, acc: &mut DevT, g: DevT) -> anyhow::Result<()> {
+        let a = self.keep(acc);
+        let b = self.keep(&g);
+        self.cu.accumulate(acc, g)?;
+        let y = self.keep(acc);
+        self.calls.push(Call::Accum { a, b, y });
+        Ok(())
+    }
+    fn accumulate_param_grad(&mut self, store: &mut ParamStore<f32>, id: usize, g: DevT) -> anyhow::Result<()> {
+        self.cu.accumulate_param_grad(store, id, g)
+    }
+    fn conv2d(&mut self, g: &ConvGeom, x: &DevT, w: &DevT, b: Option<&DevT>) -> anyhow::Result<DevT> {
+        let y = self.cu.conv2d(g, x, w, b)?;
+        let (x, y) = (self.keep(x), self.keep(&y));
+        self.calls.push(Call::Conv { g: *g, x, w: w.clone(), b: b.cloned(), y: y.clone() });
+        Ok(y)
+    }
+    fn conv2d_backward(
+        &mut self,
+        g: &ConvGeom,
+        x: &DevT,
+        w: &DevT,
+        dy: &DevT,
+        want: [Want; 3],
+    ) -> anyhow::Result<[Option<DevT>; 3]> {
+        let out = self.cu.conv2d_backward(g, x, w, dy, want)?;
+        let (x, dy, o) = (self.keep(x), self.keep(dy), self.keep_all(&out));
+        self.calls.push(Call::ConvB { g: *g, x, w: w.clone(), dy, want, out: o });
+        Ok(out)
+    }
+    fn linear(&mut self, x: &DevT, w: &DevT, b: Option<&DevT>) -> anyhow::Result<DevT> {
+        let y = self.cu.linear(x, w, b)?;
+        let (x, y) = (self.keep(x), self.keep(&y));
+        self.calls.push(Call::Linear { x, w: w.clone(), b: b.cloned(), y: y.clone() });
+        Ok(y)
+    }
+    fn linear_backward(&mut self, x: &DevT, w: &DevT, dy: &DevT, want: [Want; 3]) -> anyhow::Result<[Option<DevT>; 3]> {
+        let out = self.cu.linear_backward(x, w, dy, want)?;
+        let (x, dy, o) = (self.keep(x), self.keep(dy), self.keep_all(&out));
+        self.calls.push(Call::LinearB { x, w: w.clone(), dy, want, out: o });
+        Ok(out)
+    }
+    fn batch_norm(
+        &mut self,
+        x: &DevT,
+        g: &DevT,
+        b: &DevT,
+        stats: BnStats<'_, f32>,
+        mode: BnMode,
+        cfg: BnCfg,
+        act: Option<Act>,
+    ) -> anyhow::Result<(DevT, (CudaBnSaved, usize))> {
+        let index = stats.index;
+        let (y, s) = self.cu.batch_norm(x, g, b, stats, mode, cfg, act)?;
+        let (x, y) = (self.keep(x), self.keep(&y));
+        self.calls.push(Call::Bn { x, g: g.clone(), b: b.clone(), index, mode, cfg, act, y: y.clone() });
+        Ok((y, (s, self.calls.len() - 1)))
+    }
+    fn batch_norm_backward(
+        &mut self,
+        saved: &(CudaBnSaved, usize),
+        x: &DevT,
+        g: &DevT,
+        b: &DevT,
+        dy: &DevT,
+        act: Option<Act>,
+        want: [Want; 3],
+    ) -> anyhow::Result<[Option<DevT>; 3]> {
+        let out = self.cu.batch_norm_backward(&saved.0, x, g, b, dy, act, want)?;
+        let (x, dy, o) = (self.keep(x), self.keep(dy), self.keep_all(&out));
+        self.calls.push(Call::BnB { fwd: saved.1, x, g: g.clone(), b: b.clone(), dy, act, want, out: o });
+        Ok(out)
+    }
+    fn activation(&mut self, act: Act, x: &DevT) -> anyhow::Result<DevT> {
+        let y = self.cu.activation(act, x)?;
+        let (x, y) = (self.keep(x), self.keep(&y));
+        self.calls.push(Call::Act { act, x, y: y.clone() });
+        Ok(y)
+    }
+    fn activation_backward(&mut self, act: Act, x: &DevT, y: &DevT, dy: &DevT) -> anyhow::Result<DevT> {
+        let dx = self.cu.activation_backward(act, x, y, dy)?;
+        let (x, y, dy, dx) = (self.keep(x), self.keep(y), self.keep(dy), self.keep(&dx));
+        self.calls.push(Call::ActB { act, x, y, dy, dx: dx.clone() });
+        Ok(dx)
+    }
+    fn add(&mut self, a: &DevT, b: &DevT) -> anyhow::Result<DevT> {
+        let y = self.cu.add(a, b)?;
+        let (a, b, y) = (self.keep(a), self.keep(b), self.keep(&y));
+        self.calls.push(Call::Add { a, b, y: y.clone() });
+        Ok(y)
+    }
+    fn channel_scale(&mut self, x: &DevT, s: &DevT) -> anyhow::Result<DevT> {
+        let y = self.cu.channel_scale(x, s)?;
+        let (x, s, y) = (self.keep(x), self.keep(s), self.keep(&y));
+        self.calls.push(Call::Scale { x, s, y: y.clone() });
+        Ok(y)
+    }
+    fn channel_scale_backward(
+        &mut self,
+        x: &DevT,
+        s: &DevT,
+        dy: &DevT,
+        want: [Want; 2],
+    ) -> anyhow::Result<[Option<DevT>; 2]> {
+        let out = self.cu.channel_scale_backward(x, s, dy, want)?;
+        let (x, s, dy, o) = (self.keep(x), self.keep(s), self.keep(dy), self.keep_all(&out));
+        self.calls.push(Call::ScaleB { x, s, dy, want, out: o });
+        Ok(out)
+    }
+    fn global_avg_pool(&mut self, x: &DevT) -> anyhow::Result<DevT> {
+        let y = self.cu.global_avg_pool(x)?;
+        let (x, y) = (self.keep(x), self.keep(&y));
+        self.calls.push(Call::Pool { x, y: y.clone() });
+        Ok(y)
+    }
+    fn global_avg_pool_backward(&mut self, shape: &[usize], dy: &DevT) -> anyhow::Result<DevT> {
+        let dx = self.cu.global_avg_pool_backward(shape, dy)?;
+        let (dy, dx) = (self.keep(dy), self.keep(&dx));
+        self.calls.push(Call::PoolB { shape: shape.to_vec(), dy, dx: dx.clone() });
+        Ok(dx)
+    }
+    fn draw_mask(
+        &mut self,
+        kind: MaskKind,
+        shape: &[usize],
+        p: f64,
+        source: MaskSource<'_>,
+    ) -> anyhow::Result<TraceMask> {
+        let MaskSource::Counter { key } = source else { panic!("the trace takes counter masks") };
+        let m = self.cu.draw_mask(kind, shape, p, MaskSource::Counter { key })?;
+        Ok(TraceMask { m, kind, p, key })
+    }
+    fn apply_mask(&mut self, x: &DevT, mask: &TraceMask) -> anyhow::Result<DevT> {
+        let y = self.cu.apply_mask(x, &mask.m)?;
+        let (x, y) = (self.keep(x), self.keep(&y));
+        self.calls.push(Call::Mask { x, kind: mask.kind, p: mask.p, key: mask.key, y: y.clone() });
+        Ok(y)
+    }
+    fn loss(
+        &mut self,
+        logits: &DevT,
+        targets: &[usize],
+        weights: Option<&[f32]>,
+        kind: &LossKind,
+    ) -> anyhow::Result<(DevT, TraceLoss)> {
+        let (l, s) = self.cu.loss(logits, targets, weights, kind)?;
+        self.keep(logits);
+        Ok((l, TraceLoss { s, targets: targets.to_vec(), weights: weights.map(|w| w.to_vec()), kind: kind.clone() }))
+    }
+    fn loss_backward(&mut self, saved: &TraceLoss, logits: &DevT, dy: &DevT) -> anyhow::Result<DevT> {
+        let dx = self.cu.loss_backward(&saved.s, logits, dy)?;
+        let dx = self.keep(&dx);
+        self.calls.push(Call::LossB {
+            logits: logits.clone(),
+            targets: saved.targets.clone(),
+            weights: saved.weights.clone(),
+            kind: saved.kind.clone(),
+            dy: dy.constant.unwrap(),
+            dx: dx.clone(),
+        });
+        Ok(dx)
+    }
+}
+
+/// Per-op errors of the replay, in f16 roundings (2^-11) of `max(|reference element|, rms(reference tensor))`.
+#[derive(Default, Debug)]
+struct OpErr {
+    worst: f64,
+    tensors: usize,
+    elems: usize,
+    differing: usize,
+    /// Elements off by more than a tenth of a rounding: what a missing or extra f16 storage point shows as.
+    off: usize,
+}
+
+fn replay(tr: &Trace, m: &EfficientNet<f32>) -> std::collections::BTreeMap<String, OpErr> {
+    use std::collections::{BTreeMap, HashMap};
+    let cu = &tr.cu;
+    let get = |t: &DevT| -> Arc<Array<f64>> {
+        Arc::new(Array::new(&t.shape, cu.download(t).unwrap().into_iter().map(|v| v as f64).collect()).unwrap())
+    };
+    let mut out: BTreeMap<String, OpErr> = BTreeMap::new();
+    let mut note = |what: &str, dev: &[f32], want: &Array<f64>| {
+        let n = want.data.len().max(1) as f64;
+        let rms = (want.data.iter().map(|v| v * v).sum::<f64>() / n).sqrt();
+        let e = out.entry(what.to_string()).or_default();
+        e.tensors += 1;
+        for (&d, &w) in dev.iter().zip(&want.data) {
+            assert!(d.is_finite(), "{what}: non-finite device value");
+            // Below f16's smallest normal (2^-14) its spacing is fixed: one rounding there is 2^-25.
+            let u = (d as f64 - w).abs() / (w.abs().max(rms).max(2f64.powi(-14)) * 2f64.powi(-11));
+            e.worst = e.worst.max(u);
+            e.elems += 1;
+            e.differing += (d as f64 != w) as usize;
+            e.off += (u > 0.1) as usize;
+        }
+    };
+    let slot = |w: Want| match w {
+        Want::Param(_) => Want::Value,
+        o => o,
+    };
+    let grads_of = |want: &[Want], outs: &[Option<DevT>]| -> Vec<Option<Vec<f32>>> {
+        want.iter()
+            .zip(outs)
+            .map(|(w, o)| match (w, o) {
+                (_, Some(t)) => Some(cu.download(t).unwrap()),
+                (Want::Param(id), None) => cu.grad(*id).unwrap(),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut r = F16Ref::<f64>::default();
+    let bns = m.batch_norms();
+    let mut saved: HashMap<usize, derma::backend::CpuBnSaved> = HashMap::new();
+    for (i, c) in tr.calls.iter().enumerate() {
+        match c {
+            Call::Conv { g, x, w, b, y } => {
+                let kind = if g.is_pointwise() {
+                    "conv1x1"
+                } else if g.is_depthwise() {
+                    "depthwise"
+                } else {
+                    "stem conv"
+                };
+                let want = r.conv2d(g, &get(x), &get(w), b.as_ref().map(get).as_ref()).unwrap();
+                note(&format!("{kind} y"), &cu.download(y).unwrap(), &want);
+            }
+            Call::ConvB { g, x, w, dy, want, out: o } => {
+                let kind = if g.is_pointwise() {
+                    "conv1x1"
+                } else if g.is_depthwise() {
+                    "depthwise"
+                } else {
+                    "stem conv"
+                };
+                let rw = r.conv2d_backward(g, &get(x), &get(w), &get(dy), want.map(slot)).unwrap();
+                for (k, (d, w)) in grads_of(want, o).iter().zip(&rw).enumerate() {
+                    if let (Some(d), Some(w)) = (d, w) {
+                        note(&format!("{kind} backward {}", ["dx", "dw", "db"][k]), d, w);
+                    }
+                }
+            }
+            Call::Linear { x, w, b, y } => {
+                let kind = if x.shape[1] == 1280 || x.shape[1] == 256 { "head linear" } else { "se linear" };
+                let want = r.linear(&get(x), &get(w), b.as_ref().map(get).as_ref()).unwrap();
+                note(&format!("{kind} y"), &cu.download(y).unwrap(), &want);
+            }
+            Call::LinearB { x, w, dy, want, out: o } => {
+                let kind = if x.shape[1] == 1280 || x.shape[1] == 256 { "head linear" } else { "se linear" };
+                let rw = r.linear_backward(&get(x), &get(w), &get(dy), want.map(slot)).unwrap();
+                for (k, (d, w)) in grads_of(want, o).iter().zip(&rw).enumerate() {
+                    if let (Some(d), Some(w)) = (d, w) {
+                        note(&format!("{kind} backward {}", ["dx", "dw", "db"][k]), d, w);
+                    }
+                }
+            }
+            Call::Bn { x, g, b, index, mode, cfg, act, y } => {
+                let s0 = &bns[*index].state;
+                let mut st = derma::ops::batchnorm::BnState {
+                    running_mean: s0.running_mean.iter().map(|&v| v as f64).collect(),
+                    running_var: s0.running_var.iter().map(|&v| v as f64).collect(),
+                    num_batches_tracked: 0,
+                };
+                let (want, sv) = r
+                    .batch_norm(&get(x), &get(g), &get(b), BnStats { index: *index, state: &mut st }, *mode, *cfg, *act)
+                    .unwrap();
+                saved.insert(i, sv);
+                let m = if matches!(mode, BnMode::Eval) { "eval" } else { "train" };
+                note(&format!("bn {m} y"), &cu.download(y).unwrap(), &want);
+            }
+            Call::BnB { fwd, x, g, b, dy, act, want, out: o } => {
+                let m = match &tr.calls[*fwd] {
+                    Call::Bn { mode: BnMode::Eval, .. } => "eval",
+                    _ => "train",
+                };
+                let rw = r
+                    .batch_norm_backward(&saved[fwd], &get(x), &get(g), &get(b), &get(dy), *act, want.map(slot))
+                    .unwrap();
+                for (k, (d, w)) in grads_of(want, o).iter().zip(&rw).enumerate() {
+                    if let (Some(d), Some(w)) = (d, w) {
+                        note(&format!("bn {m} backward {}", ["dx", "dgamma", "dbeta"][k]), d, w);
+                    }
+                }
+            }
+            Call::Act { act, x, y } => {
+                let want = r.activation(*act, &get(x)).unwrap();
+                note(&format!("{act:?} y"), &cu.download(y).unwrap(), &want);
+            }
+            Call::ActB { act, x, y, dy, dx } => {
+                let want = r.activation_backward(*act, &get(x), &get(y), &get(dy)).unwrap();
+                note(&format!("{act:?} backward dx"), &cu.download(dx).unwrap(), &want);
+            }
+            Call::Add { a, b, y } => {
+                let want = r.add(&get(a), &get(b)).unwrap();
+                note("add y", &cu.download(y).unwrap(), &want);
+            }
+            Call::Accum { a, b, y } => {
+                let mut acc = get(a);
+                r.accumulate(&mut acc, get(b)).unwrap();
+                note("accumulate", &cu.download(y).unwrap(), &acc);
+            }
+            Call::Scale { x, s, y } => {
+                let want = r.channel_scale(&get(x), &get(s)).unwrap();
+                note("se scale y", &cu.download(y).unwrap(), &want);
+            }
+            Call::ScaleB { x, s, dy, want, out: o } => {
+                let rw = r.channel_scale_backward(&get(x), &get(s), &get(dy), *want).unwrap();
+                for (k, (d, w)) in grads_of(want, o).iter().zip(&rw).enumerate() {
+                    if let (Some(d), Some(w)) = (d, w) {
+                        note(&format!("se scale backward {}", ["dx", "ds"][k]), d, w);
+                    }
+                }
+            }
+            Call::Pool { x, y } => {
+                let want = r.global_avg_pool(&get(x)).unwrap();
+                note("pool y", &cu.download(y).unwrap(), &want);
+            }
+            Call::PoolB { shape, dy, dx } => {
+                let want = r.global_avg_pool_backward(shape, &get(dy)).unwrap();
+                note("pool backward dx", &cu.download(dx).unwrap(), &want);
+            }
+            Call::Mask { x, kind, p, key, y } => {
+                let xs = get(x);
+                let mk = r.draw_mask(*kind, &xs.shape, *p, MaskSource::Counter { key: *key }).unwrap();
+                let want = r.apply_mask(&xs, &mk).unwrap();
+                note(&format!("{kind:?} mask y"), &cu.download(y).unwrap(), &want);
+            }
+            Call::LossB { logits, targets, weights, kind, dy, dx } => {
+                let w64: Option<Vec<f64>> = weights.as_ref().map(|w| w.iter().map(|&v| v as f64).collect());
+                let l = get(logits);
+                let (_, sv) = r.loss(&l, targets, w64.as_deref(), kind).unwrap();
+                let seed = r.full(&[], *dy).unwrap();
+                let want = r.loss_backward(&sv, &l, &seed).unwrap();
+                note("loss backward dlogits", &cu.download(dx).unwrap(), &want);
+            }
+        }
+    }
+    out
+}
+
+fn trace_step(frozen: usize, s: Setup, seed: f64) -> std::collections::BTreeMap<String, OpErr> {
+    let mut m = model(frozen, s);
+    let initial = m.clone();
+    let mut tape = Tape::on(Trace { cu: new_backend(&m, Precision::F16), calls: Vec::new(), seed });
+    let x = tape.backend_mut().cu.input(&images(1, s)).unwrap();
+    let x = tape.input(x);
+    let mut rng = Pcg64::seed_from_u64(0);
+    let mut ctx = train_ctx(&mut rng, true);
+    let logits = m.forward(&mut tape, x, &mut ctx).unwrap();
+    let weights = class_weights();
+    let l = loss::loss(&mut tape, logits, &targets(s), Some(&weights), &KIND).unwrap();
+    tape.backward(l, &mut m.params).unwrap();
+    let mut tr = tape.into_backend();
+    tr.cu.run(true).unwrap();
+    replay(&tr, &initial)
+}
+
+/// Every op of the f16 step (seed head, stages 0, 5 and 9: train- and eval-mode BN, the stem's cuDNN passes, SE,
+/// dropout, stochastic depth, the loss, sums of gradients), recomputed by the f16 storage reference from the
+/// device's own inputs: each output element within one f16 ulp (2 roundings of `max(|reference|,
+/// rms(reference))`), and at most 2 + 0.5% of the elements off by more than a tenth of a rounding. A wrong kernel is off by far more than an ulp; a storage
+/// point the device and the reference disagree on (an f16 value where the reference keeps f32, or the reverse)
+/// puts most elements of that tensor off by a fraction of a rounding. Measured: worst 2.00 roundings (a flipped
+/// rounding at a power of two); off by more than 0.1: 0.09% of train-mode BN's dbeta, at most 0.03% of any class
+/// of f16 activations or gradients.
+#[test]
+fn f16_ops_agree_with_the_f16_storage_reference_on_their_own_inputs() {
+    // Stage 0 also under a loss scale of 1024 (GradScaler's seed): every f16 value stays finite, the f32 weight
+    // gradients included (measured: the first overflow, an f16 BN input gradient, comes at 4096).
+    for (frozen, seed) in [(0, 1.0), (0, 1024.0), (5, 1.0), (9, 1.0)] {
+        let ops = trace_step(frozen, SMALL, seed);
+        let frozen = format!("{frozen} (loss scale {seed})");
+        assert!(ops.len() > 20, "stage {frozen}: only {} op classes traced", ops.len());
+        for (k, e) in &ops {
+            eprintln!(
+                "stage {frozen} {k:28} worst {:5.2} roundings over {} tensors, {} of {} elements off by > 0.1",
+                e.worst, e.tensors, e.off, e.elems
+            );
+            assert!(e.worst <= 2.0 + 1e-9, "stage {frozen} {k}: {:.3} f16 roundings off the reference", e.worst);
+            assert!(
+                e.off as f64 <= 2.0 + 5e-3 * e.elems as f64,
+                "stage {frozen} {k}: {} of {} elements off the reference by more than a tenth of a rounding",
+                e.off,
+                e.elems
+            );
+        }
+        for must in ["stem conv y", "depthwise y", "conv1x1 y", "se scale y", "loss backward dlogits"] {
+            assert!(ops.contains_key(must), "stage {frozen}: no {must} traced");
+        }
+    }
 }

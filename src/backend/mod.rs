@@ -1,13 +1,15 @@
 //! Backends: where a tape's values live and how each op family computes on them.
 //!
 //! The model ([`crate::nn::EfficientNet`]) and the tape ([`crate::autograd::Tape`]) are written once, generic over
-//! a [`Backend`]; each op's tape node calls one method of it forward and one backward. Two backends exist:
+//! a [`Backend`]; each op's tape node calls one method of it forward and one backward. Three backends exist:
 //!
 //! - **The CPU reference** ([`Cpu<T>`], the default backend of `Tape<T>`): host arrays and the reference functions
 //!   in `src/ops` (plain loops, f64 accumulation), bitwise what they computed before backends existed.
 //! - **The CUDA backend** (`crate::backend::cuda`), which computes nothing while the model runs: every method
 //!   records launches over virtual buffers into a step program that a planner lays out in one arena and that runs
 //!   eagerly or is captured as a CUDA graph.
+//! - **The f16 storage reference** ([`F16Ref<T>`]): the CPU reference rounding to f16 exactly where the CUDA
+//!   backend's f16 program stores f16, the yardstick of the f16 device path.
 //!
 //! Values are handles: a CPU tensor is a shared array (a parameter is read without a copy), a CUDA tensor names a
 //! buffer of the program. Backward methods are told, per input, whether its gradient is wanted and whether it is a
@@ -26,7 +28,9 @@ use rand_pcg::Pcg64;
 
 mod cpu;
 pub mod cuda;
+mod f16ref;
 pub use cpu::{Cpu, CpuBnSaved, CpuMask};
+pub use f16ref::{F16Ref, round_f16, rounded};
 
 /// What a backward method must produce for one input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

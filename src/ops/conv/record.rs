@@ -186,28 +186,37 @@ fn dense_backward(
     let dt = cu.dtype();
     let dnn = cu.dnn.clone();
     if let Some(dwv) = dw.view() {
-        let ws = cu.scratch("conv dw workspace", dnn.workspace_bytes(&s, Pass::BackwardFilter)?);
-        let (xv, dyv) = (x.view, dy.view);
         let name = format!("conv {}x{} s{} dw (cuDNN)", g.kh, g.kw, g.stride);
         match dt {
             DType::F32 => {
+                let ws = cu.scratch("conv dw workspace", dnn.workspace_bytes(&s, Pass::BackwardFilter)?);
+                let (xv, dyv) = (x.view, dy.view);
                 let d = dnn.clone();
                 cu.push(name, vec![x.access(), dy.access()], vec![dwv.all(), ws.all()], move |b| {
                     d.backward_filter::<f32>(&s, xv.get(b)?, dyv.get(b)?, dwv.get(b)?, ws.get(b)?, false)
                 });
             }
             DType::F16 => {
-                // cuDNN writes the filter gradient in the filter's type; it is widened into the f32 slot.
-                let n = w.numel();
-                let tmp = cu.alloc("conv dw f16", &w.shape, DType::F16);
-                let tv = tmp.view;
-                let d = dnn.clone();
-                cu.push(name, vec![x.access(), dy.access()], vec![tmp.access(), ws.all()], move |b| {
-                    d.backward_filter::<half::f16>(&s, xv.get(b)?, dyv.get(b)?, tv.get(b)?, ws.get(b)?, false)
-                });
-                cu.push("conv dw f16 -> f32", vec![tmp.access()], vec![dwv.all()], move |b| {
-                    let gpu = b.gpu();
-                    gpu.kernels.cast(&gpu.stream, dwv.get(b)?, tv.get(b)?, n, false)
+                // cuDNN writes the filter gradient in the filter's type, and an f16 one is a sum over every output
+                // position rounded once and capped at 65504: under a loss scale of ~1e3 the stem's overflows. So
+                // x and dy are widened and the f32 backward filter writes the f32 slot. Napkin math per image at
+                // 224x224: x 0.3 MB f16 -> 0.6 MB f32, dy 0.8 MB f16 -> 1.6 MB f32: the casts move 3.3 MB and the
+                // filter pass reads 1.1 MB more (bandwidth bound), about 2% of the ~200 MB a step moves per image;
+                // both copies die at the filter pass.
+                let s32 = ConvShape { half: false, ..s };
+                let ws = cu.scratch("conv dw f32 workspace", dnn.workspace_bytes(&s32, Pass::BackwardFilter)?);
+                let x32 = cu.alloc("conv dw x f32", &x.shape, DType::F32);
+                let dy32 = cu.alloc("conv dw dy f32", &dy.shape, DType::F32);
+                for (src, dst) in [(x, &x32), (dy, &dy32)] {
+                    let (sv, dv, n) = (src.view, dst.view, src.numel());
+                    cu.push(format!("widen conv dw input [{n}]"), vec![src.access()], vec![dst.access()], move |b| {
+                        let gpu = b.gpu();
+                        gpu.kernels.cast(&gpu.stream, dv.get(b)?, sv.get(b)?, n, false)
+                    });
+                }
+                let (xv, dyv, d) = (x32.view, dy32.view, dnn.clone());
+                cu.push(name, vec![x32.access(), dy32.access()], vec![dwv.all(), ws.all()], move |b| {
+                    d.backward_filter::<f32>(&s32, xv.get(b)?, dyv.get(b)?, dwv.get(b)?, ws.get(b)?, false)
                 });
             }
         }
