@@ -523,13 +523,14 @@ def tail(path, n=1500):
         return ""
 
 
-def run_cmd(argv, timeout, stdout_path, stderr_path):
+def run_cmd(argv, timeout, stdout_path, stderr_path, env=None):
     """Runs argv in its own process group under timeout seconds; the whole group is killed at the limit or when
     this script is interrupted. Returns {rc, seconds, timed_out}."""
     t = time.perf_counter()
     with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
         try:
-            p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
+            p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True,
+                                 env=env)
         except OSError as e:
             return {"rc": None, "seconds": 0.0, "timed_out": False, "error": f"cannot start {argv[0]}: {e}"}
         try:
@@ -574,6 +575,7 @@ class Bench:
             "quick": a.quick,
             "gpu": None, "driver": None, "cuda": None, "cudnn": None, "torch": None, "torchvision": None,
             "batch": a.batch, "size": a.size, "stage": a.stage, "precision": None,
+            "derma_precision": {"bench": a.derma_precision, "train": a.derma_train_precision},
             "steps": a.steps, "warmup": a.warmup, "windows": a.windows,
             "derma_img_s": None, "pytorch_eager_img_s": None, "pytorch_compile_img_s": None,
             "ratio_vs_eager": None, "ratio_vs_compile": None,
@@ -594,6 +596,8 @@ class Bench:
             ],
         }
         self.failed = []
+        # The part running now (recorded as interrupted when a signal stops the run).
+        self.current = None
 
     def left(self):
         return self.deadline - time.perf_counter()
@@ -621,9 +625,11 @@ class Bench:
                       f"{self.a.budget_s:.0f} s budget left")
             return None
         print(f"== {name} (limit {limit:.0f} s)", flush=True)
+        self.current = name
         return limit
 
     def part(self, name, **fields):
+        self.current = None
         self.record["parts"][name] = fields
         status = fields.get("status")
         if status == "skipped":
@@ -692,8 +698,13 @@ class Bench:
             argv += ["--data", a.data]
         if a.split_csv:
             argv += ["--split-csv", a.split_csv]
+        env = None
+        if name == "compile" and not a.warm_compile_cache:
+            # Empty compile caches, so first_step_s is the whole compile wherever the script runs.
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(a.work, "inductor-cache"),
+                       TRITON_CACHE_DIR=os.path.join(a.work, "triton-cache"))
         log = self.path(f"{name}.log")
-        r = run_cmd(argv, limit, log, log + ".stderr")
+        r = run_cmd(argv, limit, log, log + ".stderr", env=env)
         # One log per part: stdout, then stderr.
         with open(log, "ab") as f, open(log + ".stderr", "rb") as e:
             f.write(b"\n--- stderr\n" + e.read())
@@ -705,6 +716,8 @@ class Bench:
             except ValueError:
                 res = {}
         res.update(rc=r["rc"], process_s=round(r["seconds"], 3), log=os.path.basename(log))
+        if name == "compile":
+            res["compile_caches"] = "torch's defaults (may be warm)" if a.warm_compile_cache else "empty"
         if r.get("error"):
             res.update(status="failed", error=r["error"])
         elif r["timed_out"]:
@@ -814,6 +827,8 @@ class Bench:
                         pass
                 self.part("derma-epoch", **f)
             res = self.torch_part("seed-epoch")
+            if res is not None:
+                self.take_info(res)
             if res is not None and res.get("status") == "ok":
                 self.record["seed_epoch_s"] = res["epoch_s"]
                 self.record["epoch"].update(
@@ -821,8 +836,10 @@ class Bench:
                     workers=res["workers"], split=res["split"])
 
         res = self.torch_part("compile")
-        if res is not None and res.get("status") == "ok":
-            self.record["pytorch_compile_img_s"] = res["img_s"]
+        if res is not None:
+            if res.get("status") == "ok":
+                self.record["pytorch_compile_img_s"] = res["img_s"]
+            self.take_info(res)
 
         r = self.record
         r["ratio_vs_eager"] = ratio(r["derma_img_s"], r["pytorch_eager_img_s"])
@@ -838,8 +855,9 @@ class Bench:
                 r[k] = res[k]
         if r.get("gpu") is None and res.get("gpu"):
             r["gpu"] = res["gpu"]
-        if res.get("amp"):
-            r["precision"] = res["amp"]
+        if res.get("amp") and r.get("precision") is None:
+            r["precision"] = res["amp"].split(":")[0].split(" ")[0]
+            r["precision_detail"] = res["amp"]
 
 
 def num(v):
@@ -890,7 +908,7 @@ def print_table(r):
     print()
     print(f"PyTorch {r['torch']} / torchvision {r['torchvision']} against derma on {where} "
           f"(driver {r.get('driver') or '-'}, CUDA {r.get('cuda') or '-'}); batch {r['batch']}, "
-          f"{r['size']}x{r['size']}, {r.get('precision') or '-'}")
+          f"{r['size']}x{r['size']}, {r.get('precision_detail') or '-'}")
     rows = [
         ("derma bench train", fmt(r["derma_img_s"], " img/s"), st("derma-bench")),
         ("derma floor (its bound)", fmt(r["floor_img_s"], " img/s"), st("derma-bench")),
@@ -933,6 +951,8 @@ def parse_args(argv=None):
     p.add_argument("--work", help="scratch folder for the synthetic data, derma's cache and run folder "
                    "[default: a new temporary folder, removed at the end]")
     p.add_argument("--keep-work", action="store_true", help="keep the scratch folder")
+    p.add_argument("--warm-compile-cache", action="store_true",
+                   help="compile part: keep torch's inductor/triton caches [default: empty ones in --work]")
     p.add_argument("--budget-s", type=float, default=None, help="time for all parts [300; quick 1500]")
     p.add_argument("--skip", default="", help=f"comma-separated parts not to run: {','.join(PARTS)}")
     p.add_argument("--strict", action="store_true", help="a failed derma part fails the exit status too")
@@ -1001,6 +1021,9 @@ def main():
     try:
         b.run()
     except Interrupted as e:
+        if b.current:
+            b.record["parts"][b.current] = {"status": "interrupted", "error": f"{e} while it ran"}
+            b.failed.append(b.current)
         b.record["result"] = f"interrupted by {e}"
         b.record["failed_parts"] = b.failed
         b.write()
