@@ -812,8 +812,8 @@ impl Backend for Trace {
         p: f64,
         source: MaskSource<'_>,
     ) -> anyhow::Result<TraceMask> {
-        let MaskSource::Counter { key } = source else { panic!("the trace takes counter masks") };
-        let m = self.cu.draw_mask(kind, shape, p, MaskSource::Counter { key })?;
+        let MaskSource::Counter { key, layer } = source else { panic!("the trace takes counter masks") };
+        let m = self.cu.draw_mask(kind, shape, p, MaskSource::Counter { key, layer })?;
         Ok(TraceMask { m, kind, p, key })
     }
     fn apply_mask(&mut self, x: &DevT, mask: &TraceMask) -> anyhow::Result<DevT> {
@@ -1007,7 +1007,7 @@ fn replay(tr: &Trace, m: &EfficientNet<f32>) -> std::collections::BTreeMap<Strin
             }
             Call::Mask { x, kind, p, key, y } => {
                 let xs = get(x);
-                let mk = r.draw_mask(*kind, &xs.shape, *p, MaskSource::Counter { key: *key }).unwrap();
+                let mk = r.draw_mask(*kind, &xs.shape, *p, MaskSource::Counter { key: *key, layer: 0 }).unwrap();
                 let want = r.apply_mask(&xs, &mk).unwrap();
                 note(&format!("{kind:?} mask y"), &cu.download(y).unwrap(), &want);
             }

@@ -86,3 +86,70 @@ fn forward_on_the_emulated_device_matches_the_cpu() {
         derma(&["forward", "--weights", "x", "--input", "y", "--output", "z", "--precision", "f16", "--device", "cpu"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--precision f16 needs a CUDA device"));
 }
+
+#[test]
+fn train_and_bench_train_run_on_the_emulated_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let out = tmp.path().join("run");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let synth = derma(&["synth", "--out", &s(&data), "--n", "32"]);
+    assert!(synth.status.success(), "derma synth failed: {}", String::from_utf8_lossy(&synth.stderr));
+    let args = [
+        "train",
+        "--device",
+        "emu",
+        "--precision",
+        "f16",
+        "--data",
+        &s(&data),
+        "--out",
+        &s(&out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "64",
+        "--workers",
+        "1",
+        "--quiet",
+    ];
+    let run = derma(&args);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "derma train --device emu failed: {err}");
+    for f in ["last.safetensors", "best.safetensors", "history.json", "config.toml"] {
+        assert!(out.join(f).exists(), "no {f} after derma train --device emu:\n{err}");
+    }
+    let history: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("history.json")).unwrap()).unwrap();
+    assert_eq!(history["epochs"].as_array().map(|e| e.len()), Some(1), "{history}");
+
+    let bench =
+        derma(&["bench", "train", "--device", "emu", "--batch", "2", "--size", "64", "--steps", "1", "--windows", "2"]);
+    let text = String::from_utf8_lossy(&bench.stdout);
+    assert!(bench.status.success(), "derma bench train failed: {}", String::from_utf8_lossy(&bench.stderr));
+    for want in ["images/s", "floor:", "phases of one synchronised eager step", "peak device memory"] {
+        assert!(text.contains(want), "derma bench train printed no {want:?}:\n{text}");
+    }
+    let json = derma(&[
+        "bench",
+        "train",
+        "--device",
+        "emu",
+        "--batch",
+        "2",
+        "--size",
+        "64",
+        "--steps",
+        "1",
+        "--windows",
+        "1",
+        "--json",
+    ]);
+    assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    for k in ["images_per_s", "ms_per_step", "floor_images_per_s", "peak_device_bytes", "bytes_per_step"] {
+        assert!(j[k].as_f64().is_some_and(|v| v > 0.0), "bench train JSON has no positive {k}: {j}");
+    }
+}

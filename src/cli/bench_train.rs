@@ -42,9 +42,10 @@ pub struct TrainArgs {
     /// Storage precision of activations.
     #[arg(long, value_enum, default_value = "f16")]
     precision: Precision,
-    /// Leading feature blocks frozen (0: every layer trains, as a plain PyTorch training step does).
+    /// Unfreezing stage: feature blocks 0..K frozen (0: every layer trains, as a plain PyTorch training step does;
+    /// 9: the head only), as in `derma plan`.
     #[arg(long, default_value_t = 0)]
-    frozen: usize,
+    stage: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -165,14 +166,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
         .collect();
     let src = Arc::new(VecSource { size, images, labels: (0..n).map(|i| i % classes).collect() });
     let mut cfg = TrainConfig { batch_size: batch, image_size: size, precision: a.precision, ..TrainConfig::default() };
-    cfg.unfreeze = UnfreezeSchedule::new(vec![Stage { epoch: 0, frozen_blocks: a.frozen, lr_multiplier: 1.0 }])?;
+    cfg.unfreeze = UnfreezeSchedule::new(vec![Stage { epoch: 0, frozen_blocks: a.stage, lr_multiplier: 1.0 }])?;
     cfg.validate()?;
     let mut lcfg = LoaderConfig::train(batch, size as u32, cfg.seed);
     lcfg.workers = 1;
     let loader = Loader::new(src, (0..n).collect(), lcfg)?;
     let steps_per_epoch = loader.batches_per_epoch();
     let mut model = EfficientNet::<f32>::new(cfg.model_config(classes), cfg.seed);
-    model.freeze_blocks(a.frozen)?;
+    model.freeze_blocks(a.stage)?;
     let adamw = AdamW::new(cfg.adamw())?;
     let state = TrainState {
         epoch: 0,
@@ -204,7 +205,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         false,
     )?;
     let ctx =
-        StepCtx { epoch: 0, step: 0, first: 0, steps_per_epoch, frozen: a.frozen, lr: cfg.lr, backbone_lr: cfg.lr };
+        StepCtx { epoch: 0, step: 0, first: 0, steps_per_epoch, frozen: a.stage, lr: cfg.lr, backbone_lr: cfg.lr };
     let mut d = Driver { engine, model, adamw, state, ctx, steps_per_epoch, in_epoch: 0 };
     d.engine.begin_epoch(&mut d.model, &d.state, &d.ctx)?;
     // Eager first step (algorithm search, kernel loading), the capture with its first replay, one more warm-up.
@@ -234,7 +235,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         batch,
         size,
         precision: a.precision,
-        frozen_blocks: a.frozen,
+        frozen_blocks: a.stage,
         steps_per_window: steps,
         windows_ms_per_step: windows,
         ms_per_step,
