@@ -1,4 +1,5 @@
-//! `derma plan` and `derma forward --device emu` through the binary.
+//! `derma plan`, `derma forward`, `train`, `eval`, `predict` and `bench train` on the emulated device through the
+//! binary.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -125,6 +126,50 @@ fn train_and_bench_train_run_on_the_emulated_device() {
         serde_json::from_str(&std::fs::read_to_string(out.join("history.json")).unwrap()).unwrap();
     assert_eq!(history["epochs"].as_array().map(|e| e.len()), Some(1), "{history}");
 
+    // eval and predict on the device agree with the CPU.
+    let ckpt = s(&out.join("last.safetensors"));
+    let eval = |device: &str| -> serde_json::Value {
+        let o = derma(&[
+            "eval",
+            "--checkpoint",
+            &ckpt,
+            "--data",
+            &s(&data),
+            "--device",
+            device,
+            "--split",
+            "all",
+            "--json",
+        ]);
+        assert!(o.status.success(), "derma eval --device {device} failed: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let (ec, ee) = (eval("cpu"), eval("emu"));
+    let loss = |v: &serde_json::Value| v["loss"].as_f64().unwrap();
+    assert!((loss(&ec) - loss(&ee)).abs() <= 1e-4 * loss(&ec).abs().max(1.0), "eval loss: cpu {ec} vs emu {ee}");
+    assert_eq!(ec["accuracy"], ee["accuracy"], "eval accuracy on the CPU and on the device");
+    let images: Vec<String> =
+        walk(&data).into_iter().filter(|p| p.extension().is_some_and(|e| e == "jpg")).take(3).map(|p| s(&p)).collect();
+    assert!(!images.is_empty(), "the synthetic folder has no JPEG");
+    let predict = |device: &str| -> serde_json::Value {
+        let mut args =
+            vec!["predict", "--checkpoint", ckpt.as_str(), "--device", device, "--json", "--batch-size", "2"];
+        args.extend(images.iter().map(String::as_str));
+        let o = derma(&args);
+        assert!(o.status.success(), "derma predict --device {device} failed: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let (pc, pe) = (predict("cpu"), predict("emu"));
+    let rows = |v: &serde_json::Value| v.as_array().unwrap().clone();
+    assert_eq!(rows(&pc).len(), images.len());
+    for (rc, re) in rows(&pc).iter().zip(rows(&pe)) {
+        let (a, b) = (rc["probabilities"].as_object().unwrap(), re["probabilities"].as_object().unwrap());
+        for (class, p) in a {
+            let d = (p.as_f64().unwrap() - b[class].as_f64().unwrap()).abs();
+            assert!(d <= 1e-4, "predict {class}: cpu {p} vs emu {}", b[class]);
+        }
+    }
+
     let bench =
         derma(&["bench", "train", "--device", "emu", "--batch", "2", "--size", "64", "--steps", "1", "--windows", "2"]);
     let text = String::from_utf8_lossy(&bench.stdout);
@@ -152,4 +197,14 @@ fn train_and_bench_train_run_on_the_emulated_device() {
     for k in ["images_per_s", "ms_per_step", "floor_images_per_s", "peak_device_bytes", "bytes_per_step"] {
         assert!(j[k].as_f64().is_some_and(|v| v > 0.0), "bench train JSON has no positive {k}: {j}");
     }
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+    }
+    out.sort();
+    out
 }

@@ -2,11 +2,13 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use derma::backend::cuda::Precision as DevicePrecision;
 use derma::cuda::{self, DeviceRequest};
 use derma::data::{self, PrepareOptions};
 use derma::ops::loss::LossKind;
 use derma::train::checkpoint;
 use derma::train::config::{LossKind as CfgLoss, TrainConfig};
+use derma::train::device::DeviceEval;
 use derma::train::metrics::{Report, render_report};
 use derma::train::trainer;
 use serde::Serialize;
@@ -63,7 +65,7 @@ struct EvalJson<'a> {
 
 /// Loads the checkpoint, prepares the data at its image size and split, evaluates and prints the report.
 pub fn run_eval(a: EvalArgs) -> Result<()> {
-    cuda::require_cpu_path(a.device, "derma eval")?;
+    let selected = cuda::select(a.device)?;
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -107,23 +109,25 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     }
     // A batch never holds more than the images scored.
     let batch = a.batch_size.min(indices.len());
-    let need = derma::data::memory::eval_estimate(batch, loaded.image_size, loaded.model.params.counts().0);
-    derma::data::memory::check_fits(&need, "--batch-size")?;
+    if selected == cuda::Selected::Cpu {
+        let need = derma::data::memory::eval_estimate(batch, loaded.image_size, loaded.model.params.counts().0);
+        derma::data::memory::check_fits(&need, "--batch-size")?;
+    }
     let kind = match cfg.loss {
         CfgLoss::Focal => LossKind::Focal { gamma: cfg.focal_gamma },
         CfgLoss::Ce => LossKind::CrossEntropy,
     };
     let alpha =
         loaded.state.as_ref().map(|s| s.class_weights.clone()).filter(|w| w.len() == prepared.class_names.len());
-    let ev = trainer::evaluate(
-        &mut loaded.model,
-        &prepared,
-        &indices,
-        a.batch_size,
-        loaded.image_size,
-        alpha.as_deref(),
-        &kind,
-    )
+    let ev = match &selected {
+        cuda::Selected::Cpu => {
+            trainer::evaluate(&mut loaded.model, &prepared, &indices, batch, loaded.image_size, alpha.as_deref(), &kind)
+        }
+        // On a device: the eval-mode forward recorded once, in f32 (the checkpoint's weights as trained).
+        sel => cuda::Gpu::open(sel)
+            .and_then(|g| DeviceEval::new(Arc::new(g), &loaded.model, DevicePrecision::F32, batch, loaded.image_size))
+            .and_then(|mut e| e.evaluate(&mut loaded.model, &prepared, &indices, alpha.as_deref(), &kind)),
+    }
     .with_context(|| format!("evaluating {} on {}", a.checkpoint.display(), a.data.display()))?;
     if a.json {
         let out = EvalJson {

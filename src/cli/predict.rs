@@ -128,7 +128,7 @@ fn top_k(probs: &[f64], class_names: &[String], k: usize) -> Vec<Ranked> {
 /// Predicts every image (going on past unusable ones), prints or writes the results, then fails if any image
 /// could not be used.
 pub fn run_predict(a: PredictArgs) -> Result<()> {
-    derma::cuda::require_cpu_path(a.device, "derma predict")?;
+    let selected = derma::cuda::select(a.device)?;
     if a.top == 0 {
         bail!("--top must be at least 1");
     }
@@ -139,6 +139,15 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
     let columns = a.isic_csv.as_ref().map(|_| isic_columns(&loaded.class_names)).transpose()?;
     let size = loaded.image_size;
     let class_names = loaded.class_names.clone();
+    // On a device: the eval-mode forward recorded once for batches of --batch-size, in f32.
+    let mut device = match &selected {
+        derma::cuda::Selected::Cpu => None,
+        sel => {
+            let gpu = std::sync::Arc::new(derma::cuda::Gpu::open(sel)?);
+            let p = derma::backend::cuda::Precision::F32;
+            Some(derma::train::device::DeviceEval::new(gpu, &loaded.model, p, a.batch_size, size)?)
+        }
+    };
 
     let mut results: Vec<(PathBuf, Vec<f64>)> = Vec::new();
     let mut failures: Vec<String> = Vec::new();
@@ -158,8 +167,14 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
         if paths.is_empty() {
             continue;
         }
-        let probs = predict_batch(&mut loaded.model, batch, paths.len(), size)
-            .with_context(|| format!("running {} on {}", a.checkpoint.display(), paths[0].display()))?;
+        let probs = match device.as_mut() {
+            None => predict_batch(&mut loaded.model, batch, paths.len(), size),
+            Some(d) => d.logits(&mut loaded.model, &batch, paths.len()).map(|z| {
+                let c = class_names.len();
+                softmax_rows(&z, c).chunks(c).map(<[f64]>::to_vec).collect()
+            }),
+        }
+        .with_context(|| format!("running {} on {}", a.checkpoint.display(), paths[0].display()))?;
         // Finite weights and images can still overflow to inf/NaN; never print such a row as a prediction.
         if let Some((path, _)) = paths.iter().zip(&probs).find(|(_, p)| p.iter().any(|v| !v.is_finite())) {
             bail!(

@@ -424,29 +424,6 @@ pub fn uniform01(seed: u64, counter: u64) -> f32 {
     (z >> 40) as f32 * (1.0 / 16_777_216.0)
 }
 
-/// Resolves `--device` for work that runs on the CPU reference backend only (the model and the trainer do not use
-/// the CUDA path yet): `auto` with a usable GPU runs on the CPU with a notice, an explicit `cuda` or `emu` is an
-/// error that says so, and a `cuda` request on a machine without one fails with what is missing.
-pub fn require_cpu_path(request: DeviceRequest, what: &str) -> Result<()> {
-    match (select(request)?, request) {
-        (Selected::Cpu, _) => Ok(()),
-        (Selected::Emulated, _) => bail!(
-            "{what} on the emulated device is not available yet: it runs the CUDA code path, which the model does \
-             not use yet (derma check --device emu runs the kernels there); use --device cpu"
-        ),
-        (Selected::Cuda(g), DeviceRequest::Auto) => {
-            eprintln!("note: {what} runs on the CPU: derma's CUDA model path is not wired yet ({} left idle)", g.name);
-            Ok(())
-        }
-        (Selected::Cuda(g), _) => {
-            bail!(
-                "{what} on CUDA ({}) is not available yet: the CUDA model path is not wired; use --device cpu",
-                g.name
-            )
-        }
-    }
-}
-
 /// A made-up probe of a machine where everything is usable (one sm_90 GPU), for tests of the selection rules.
 #[cfg(test)]
 pub(crate) fn usable_test_probe() -> Probe {

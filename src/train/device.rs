@@ -102,12 +102,126 @@ struct StageViews {
     chunks: View,
 }
 
-/// The inference program validation runs, recorded once per run.
+/// The inference program, recorded once.
 struct EvalProgram {
     cuda: Cuda,
     input: Block,
     input_view: View,
     logits: crate::backend::cuda::Tensor,
+}
+
+/// Inference on the CUDA backend: the model's eval-mode forward recorded once for batches of `batch` images of
+/// side `size` over device state, run once per batch (a short batch is padded; in eval mode rows are
+/// independent). Validation in the GPU trainer, and `derma eval` / `derma predict` on a device.
+pub struct DeviceEval {
+    state: Arc<DeviceState>,
+    batch: usize,
+    size: usize,
+    prog: Option<EvalProgram>,
+}
+
+impl DeviceEval {
+    /// Uploads `model` (its weights and running statistics) to `gpu` for inference in `precision`.
+    pub fn new(
+        gpu: Arc<Gpu>,
+        model: &EfficientNet<f32>,
+        precision: Precision,
+        batch: usize,
+        size: usize,
+    ) -> Result<Self> {
+        ensure!(batch > 0 && size > 0, "inference needs a batch and a size of at least 1");
+        let bns: Vec<_> = model.batch_norms().into_iter().map(|b| &b.state).collect();
+        let state = Arc::new(DeviceState::new(gpu, &model.params, &bns, precision, false)?);
+        Ok(Self::over(state, batch, size))
+    }
+
+    fn over(state: Arc<DeviceState>, batch: usize, size: usize) -> Self {
+        DeviceEval { state, batch, size, prog: None }
+    }
+
+    fn program(&mut self, model: &mut EfficientNet<f32>) -> Result<&mut EvalProgram> {
+        if self.prog.is_none() {
+            let (b, s) = (self.batch, self.size);
+            let mut cu = Cuda::with_state(self.state.clone(), &model.params, false, false)?;
+            let x = cu.external_input("eval batch", &[b, s, s, 3]);
+            let input_view = x.view;
+            let input = self.state.gpu().zeros(x.view.bytes)?;
+            let mut tape = Tape::inference_on(cu);
+            let xv = tape.input(x);
+            let mut rng = rand_pcg::Pcg64::seed_from_u64(0);
+            let mut ctx = Ctx::eval(&mut rng);
+            let logits = model.forward(&mut tape, xv, &mut ctx)?;
+            let lt = tape.value(logits).clone();
+            let mut cu = tape.into_backend();
+            cu.keep(&lt);
+            cu.prepare()?;
+            self.prog = Some(EvalProgram { cuda: cu, input, input_view, logits: lt });
+        }
+        self.prog.as_mut().context("no eval program")
+    }
+
+    /// Logits `[n, classes]` of `n` (at most the batch) NHWC images of side `size`, normalized f32.
+    pub fn logits(&mut self, model: &mut EfficientNet<f32>, images: &[f32], n: usize) -> Result<Vec<f32>> {
+        let (b, s) = (self.batch, self.size);
+        let per = s * s * 3;
+        ensure!(n <= b, "{n} images for an inference program of batch {b}");
+        ensure!(images.len() == n * per, "{} values for {n} images of {s}x{s}x3", images.len());
+        let classes = model.config.num_classes;
+        let gpu = self.state.gpu().clone();
+        let f16 = self.state.precision() == Precision::F16;
+        let prog = self.program(model)?;
+        let mut padded = images.to_vec();
+        padded.resize(b * per, 0.0);
+        if f16 {
+            let h: Vec<half::f16> = padded.iter().map(|&v| half::f16::from_f32(v)).collect();
+            gpu.write(&prog.input, 0, &h)?;
+        } else {
+            gpu.write(&prog.input, 0, &padded)?;
+        }
+        let mut bind = Bindings::default();
+        bind.bind(prog.input_view.buf, DevSlice::of(&prog.input));
+        prog.cuda.run_bound(false, &bind)?;
+        gpu.sync()?;
+        let all = prog.cuda.download(&prog.logits)?;
+        Ok(all[..n * classes].to_vec())
+    }
+
+    /// The model in eval mode over `indices` of `data`, scored as the CPU's `trainer::evaluate` scores it.
+    pub fn evaluate(
+        &mut self,
+        model: &mut EfficientNet<f32>,
+        data: &Arc<PreparedData>,
+        indices: &[usize],
+        alpha: Option<&[f32]>,
+        kind: &LossKind,
+    ) -> Result<Evaluation> {
+        if indices.is_empty() {
+            bail!("nothing to evaluate: the split is empty");
+        }
+        let (b, s) = (self.batch, self.size);
+        let classes = model.config.num_classes;
+        let loader = Loader::new(data.clone(), indices.to_vec(), LoaderConfig::eval(b, s as u32))?;
+        let (mut loss_sum, mut n) = (0.0, 0usize);
+        let (mut y_true, mut y_pred, mut probs) = (Vec::new(), Vec::new(), Vec::new());
+        for batch in loader.epoch(0) {
+            let batch = batch?;
+            let rows = batch.labels.len();
+            ensure!(batch.size == s, "an evaluation batch of side {} for a program of side {s}", batch.size);
+            let lv = self.logits(model, &batch.images, rows)?;
+            let mut tape = Tape::inference();
+            let z = tape.constant(Array::new(&[rows, classes], lv.clone())?);
+            let l = loss::loss(&mut tape, z, &batch.labels, alpha, kind)?;
+            loss_sum += tape.value(l).data[0] as f64 * rows as f64;
+            n += rows;
+            for (row, &t) in lv.chunks(classes).zip(&batch.labels) {
+                y_pred.push(argmax(row));
+                y_true.push(t);
+            }
+            probs.extend(softmax_rows(&lv, classes).into_iter().map(|p| p as f32));
+        }
+        let report = compute_report(&y_true, &y_pred, Some(&probs), classes)?;
+        Ok(Evaluation { loss: loss_sum / n as f64, report, y_true, y_pred, probs })
+    }
 }
 
 /// What the device engine did, for tests and benchmarks.
@@ -133,7 +247,7 @@ pub struct DeviceEngine {
     scaler_cfg: Option<super::scaler::GradScalerConfig>,
     loader: DeviceLoader,
     stage: Option<StageProgram>,
-    eval: Option<EvalProgram>,
+    eval: Option<DeviceEval>,
     cfg: TrainConfig,
     alpha: Vec<f32>,
     kind: LossKind,
@@ -605,27 +719,6 @@ impl DeviceEngine {
         state.progress.seen = self.base.seen + sums[2] as usize;
         Ok(sums[3])
     }
-
-    fn eval_program(&mut self, model: &mut EfficientNet<f32>) -> Result<&mut EvalProgram> {
-        if self.eval.is_none() {
-            let (b, s) = (self.batch, self.cfg.image_size);
-            let mut cu = Cuda::with_state(self.state.clone(), &model.params, false, false)?;
-            let x = cu.external_input("eval batch", &[b, s, s, 3]);
-            let input_view = x.view;
-            let input = self.gpu.zeros(x.view.bytes)?;
-            let mut tape = Tape::inference_on(cu);
-            let xv = tape.input(x);
-            let mut rng = rand_pcg::Pcg64::seed_from_u64(0);
-            let mut ctx = Ctx::eval(&mut rng);
-            let logits = model.forward(&mut tape, xv, &mut ctx)?;
-            let lt = tape.value(logits).clone();
-            let mut cu = tape.into_backend();
-            cu.keep(&lt);
-            cu.prepare()?;
-            self.eval = Some(EvalProgram { cuda: cu, input, input_view, logits: lt });
-        }
-        self.eval.as_mut().context("no eval program")
-    }
 }
 
 fn bytemuck_entries(e: &[AdamEntry]) -> &[u8] {
@@ -747,49 +840,8 @@ impl Engine for DeviceEngine {
         alpha: Option<&[f32]>,
         kind: &LossKind,
     ) -> Result<Evaluation> {
-        if indices.is_empty() {
-            bail!("nothing to evaluate: the split is empty");
-        }
         let (b, s) = (self.batch, self.cfg.image_size);
-        let classes = model.config.num_classes;
-        let f16 = f16_batch(self.precision);
-        let gpu = self.gpu.clone();
-        let prog = self.eval_program(model)?;
-        let loader = Loader::new(data.clone(), indices.to_vec(), LoaderConfig::eval(b, s as u32))?;
-        let (mut loss_sum, mut n) = (0.0, 0usize);
-        let (mut y_true, mut y_pred, mut probs) = (Vec::new(), Vec::new(), Vec::new());
-        let per = s * s * 3;
-        for batch in loader.epoch(0) {
-            let batch = batch?;
-            let rows = batch.labels.len();
-            ensure!(batch.size == s, "an evaluation batch of side {} for a program of side {s}", batch.size);
-            // A short last batch is padded with zeros: in eval mode every row is independent of the others.
-            let mut images = batch.images;
-            images.resize(b * per, 0.0);
-            if f16 {
-                let h: Vec<half::f16> = images.iter().map(|&v| half::f16::from_f32(v)).collect();
-                gpu.write(&prog.input, 0, &h)?;
-            } else {
-                gpu.write(&prog.input, 0, &images)?;
-            }
-            let mut bind = Bindings::default();
-            bind.bind(prog.input_view.buf, DevSlice::of(&prog.input));
-            prog.cuda.run_bound(false, &bind)?;
-            gpu.sync()?;
-            let all = prog.cuda.download(&prog.logits)?;
-            let lv = all[..rows * classes].to_vec();
-            let mut tape = Tape::inference();
-            let z = tape.constant(Array::new(&[rows, classes], lv.clone())?);
-            let l = loss::loss(&mut tape, z, &batch.labels, alpha, kind)?;
-            loss_sum += tape.value(l).data[0] as f64 * rows as f64;
-            n += rows;
-            for (row, &t) in lv.chunks(classes).zip(&batch.labels) {
-                y_pred.push(argmax(row));
-                y_true.push(t);
-            }
-            probs.extend(softmax_rows(&lv, classes).into_iter().map(|p| p as f32));
-        }
-        let report = compute_report(&y_true, &y_pred, Some(&probs), classes)?;
-        Ok(Evaluation { loss: loss_sum / n as f64, report, y_true, y_pred, probs })
+        let eval = self.eval.get_or_insert_with(|| DeviceEval::over(self.state.clone(), b, s));
+        eval.evaluate(model, data, indices, alpha, kind)
     }
 }
