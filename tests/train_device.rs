@@ -11,7 +11,8 @@
 //! AdamW step counts equal; losses and accuracies of every epoch (training and validation) within 1e-5; BN running
 //! statistics, weights, and AdamW's moments (which accumulate every step's gradients) within the gradients'
 //! agreement. Replayed steps equal eager ones bit for bit with the arena poisoned between replays and no allocation
-//! during a replay, and a checkpoint written by the device resumes on the CPU as it does on the device. The
+//! during a replay; a checkpoint written by the device resumes on the CPU as it does on the device, and on the
+//! device a resumed run is the uninterrupted one bit for bit. The
 //! optimizer's arithmetic is bitwise the CPU's in tests/cuda_optim_step.rs, the step's gradients are measured
 //! against the exact step in tests/backend_emu.rs.
 
@@ -267,6 +268,11 @@ fn a_device_checkpoint_resumes_on_the_cpu_as_on_the_device() {
         .device
         .expect("device stats");
     assert!(rest.eager_steps + rest.replays > 0, "the resumed device run took no step");
+    // On the device itself a resumed run is the uninterrupted one, bit for bit.
+    let whole = tmp.path().join("whole");
+    train(run_of(config(DeviceRequest::Emu, Precision::F32, BnFrozenMode::FrozenEval), &d, &whole));
+    assert_bitwise(&tensors(&on_dev), &tensors(&whole), "resumed on the device vs uninterrupted on the device");
+    assert_same_state(&state(&on_dev), &state(&whole), 0.0, "resumed on the device vs uninterrupted on the device");
     let what = "resumed on the device vs on the CPU";
     assert_trainer_close(&tensors(&on_dev), &tensors(&on_cpu), TOL_F32, MOMENTS_F32, what);
     assert_same_state(&state(&on_dev), &state(&on_cpu), TOL_F32, what);

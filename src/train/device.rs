@@ -709,14 +709,14 @@ impl DeviceEngine {
         Ok([data, marks[0], marks[1], marks[2]])
     }
 
-    /// Reads the epoch's device sums into `state.progress` (on top of the sums the epoch began with).
+    /// Reads the epoch's device sums (which began at the epoch's progress so far) into `state.progress`.
     fn read_sums(&self, state: &mut TrainState) -> Result<f64> {
         let mut sums = [0f64; 4];
         self.gpu.sync()?;
         self.gpu.read(&self.st.sums, 0, &mut sums)?;
-        state.progress.loss_sum = self.base.loss_sum + sums[0];
-        state.progress.correct = self.base.correct + sums[1] as usize;
-        state.progress.seen = self.base.seen + sums[2] as usize;
+        state.progress.loss_sum = sums[0];
+        state.progress.correct = sums[1] as usize;
+        state.progress.seen = sums[2] as usize;
         Ok(sums[3])
     }
 }
@@ -737,7 +737,10 @@ impl Engine for DeviceEngine {
         let values = StepValues { step: ctx.first as i64, seed: self.cfg.seed, epoch: ctx.epoch as u64, pad_: 0 };
         self.gpu.write(&self.st.values, 0, bytemuck::bytes_of(&values))?;
         self.gpu.write(&self.st.lrs, 0, &[ctx.lr, ctx.backbone_lr])?;
-        self.gpu.write(&self.st.sums, 0, &[0f64; 4])?;
+        // The sums continue from the epoch's progress so far (a resumed epoch), in the order an uninterrupted epoch
+        // adds its steps: a resumed run's sums are the uninterrupted run's, bit for bit.
+        let p = &state.progress;
+        self.gpu.write(&self.st.sums, 0, &[p.loss_sum, p.correct as f64, p.seen as f64, 0.0])?;
         self.base = state.progress.clone();
         Ok(())
     }
