@@ -123,6 +123,30 @@ pub struct Gpu {
     pub alloc: CachingAllocator,
 }
 
+/// A stopwatch of device work: two CUDA events around the work on a GPU (the device's own clock: no host sync in
+/// between, launch gaps included), the host clock on the emulated device (whose launches run when issued).
+pub enum DeviceTimer {
+    Cuda(cudarc::driver::CudaEvent),
+    Host(std::time::Instant),
+}
+
+impl DeviceTimer {
+    /// Milliseconds from the start to the work issued up to now, waiting for that work to finish.
+    pub fn stop_ms(self, gpu: &Gpu) -> Result<f64> {
+        match (self, &gpu.stream) {
+            (DeviceTimer::Cuda(start), Stream::Cuda(s)) => {
+                let end = s
+                    .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(|e| anyhow!("recording a CUDA timing event: {e:?}"))?;
+                let ms = start.elapsed_ms(&end).map_err(|e| anyhow!("reading CUDA timing events: {e:?}"))?;
+                Ok(ms as f64)
+            }
+            (DeviceTimer::Host(t), Stream::Emulated(_)) => Ok(t.elapsed().as_secs_f64() * 1e3),
+            _ => bail!("a timer started on one kind of device stopped on another"),
+        }
+    }
+}
+
 impl Gpu {
     /// Opens the device [`super::select`] chose; an error for [`Selected::Cpu`].
     pub fn open(selected: &Selected) -> Result<Self> {
@@ -350,6 +374,18 @@ impl Gpu {
             Stream::Cuda(s) => s.synchronize().map_err(|e| anyhow!("CUDA error while running kernels: {e:?}")),
             Stream::Emulated(_) => Ok(()),
         }
+    }
+
+    /// Starts a stopwatch of the work issued on this device's stream from now on (see [`DeviceTimer`]).
+    pub fn start_timer(&self) -> Result<DeviceTimer> {
+        self.stream.refuse_in_capture("a timing event", "time a replay from outside the capture")?;
+        Ok(match &self.stream {
+            Stream::Cuda(s) => DeviceTimer::Cuda(
+                s.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(|e| anyhow!("recording a CUDA timing event: {e:?}"))?,
+            ),
+            Stream::Emulated(_) => DeviceTimer::Host(std::time::Instant::now()),
+        })
     }
 
     /// Device allocations made so far by this device's allocator: every successful alloc call, cache hits
