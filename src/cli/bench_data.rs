@@ -84,6 +84,17 @@ fn best_of(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(best)
 }
 
+/// The device's copy bandwidth in bytes/s (read + write: a copy moves every byte twice), best of three copies of
+/// `bytes` after one warm-up.
+pub(super) fn device_copy_bandwidth(gpu: &Gpu, bytes: usize) -> Result<f64> {
+    let (a, b) = (gpu.zeros(bytes)?, gpu.zeros(bytes)?);
+    let secs = best_of(3, || {
+        gpu.copy(&b, &a, bytes)?;
+        gpu.sync()
+    })?;
+    Ok(2.0 * bytes as f64 / secs)
+}
+
 /// Runs `derma bench data`.
 pub fn run(a: DataArgs) -> Result<()> {
     let sel = select(a.device)?;
@@ -120,11 +131,7 @@ fn bench<T: Elem>(gpu: &Gpu, a: &DataArgs, batch: usize, steps: usize) -> Result
 
     let images_d = gpu.zeros(images.len())?;
     let upload = best_of(3, || gpu.write(&images_d, 0, &images))?;
-    let copy_d = gpu.zeros(images.len())?;
-    let device_copy = best_of(3, || {
-        gpu.copy(&copy_d, &images_d, images.len())?;
-        gpu.sync()
-    })?;
+    let copy_gbps = device_copy_bandwidth(gpu, images.len())? / 1e9;
     let table_d = gpu.upload(&table)?;
     let params_d = gpu.upload(bytemuck::cast_slice::<AugParams, u8>(&params))?;
     let out_d = gpu.zeros(batch * per_out)?;
@@ -165,7 +172,6 @@ fn bench<T: Elem>(gpu: &Gpu, a: &DataArgs, batch: usize, steps: usize) -> Result
     // Compulsory traffic per image: the u8 source read once, the output written once, its parameters.
     let bytes_per_image = per_in + per_out + size_of::<AugParams>();
     let kernel_gbps = bytes_per_image as f64 * images_per_s / 1e9;
-    let copy_gbps = gbps(2 * images.len(), device_copy); // a device copy reads and writes every byte
     let report = DataReport {
         device: gpu.info.name.clone(),
         emulated,

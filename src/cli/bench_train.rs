@@ -8,18 +8,13 @@ use derma::cuda::{DeviceRequest, Gpu, Selected, parse_device, select};
 use derma::data::loader::{Loader, LoaderConfig, VecSource};
 use derma::nn::EfficientNet;
 use derma::train::adamw::AdamW;
-use derma::train::checkpoint::{EpochProgress, TrainState};
+use derma::train::checkpoint::TrainState;
 use derma::train::config::{Precision, TrainConfig};
 use derma::train::device::{DeviceEngine, StepMode};
-use derma::train::early_stop::EarlyStopping;
-use derma::train::history::History;
-use derma::train::plateau::ReduceLrOnPlateau;
-use derma::train::scaler::GradScaler;
 use derma::train::trainer::{Engine, StepCtx};
 use derma::train::unfreeze::{Stage, UnfreezeSchedule};
 use serde::Serialize;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// Options of `derma bench train`.
 #[derive(Args)]
@@ -92,22 +87,6 @@ fn median(v: &[f64]) -> f64 {
     if s.len() % 2 == 1 { s[m] } else { (s[m - 1] + s[m]) / 2.0 }
 }
 
-/// Device copy bandwidth (read + write), best of three 256 MiB copies (16 MiB on the emulated device).
-fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
-    let bytes = if gpu.is_emulated() { 16 << 20 } else { 256 << 20 };
-    let (a, b) = (gpu.zeros(bytes)?, gpu.zeros(bytes)?);
-    gpu.copy(&b, &a, bytes)?;
-    gpu.sync()?;
-    let mut best = f64::INFINITY;
-    for _ in 0..3 {
-        let t = Instant::now();
-        gpu.copy(&b, &a, bytes)?;
-        gpu.sync()?;
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    Ok(2.0 * bytes as f64 / best)
-}
-
 /// Steps the engine through epochs of the synthetic set: a new epoch (a new plan, nothing recaptured) every
 /// `steps_per_epoch` steps keeps the device step counter inside the plan.
 struct Driver {
@@ -156,7 +135,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if batch == 0 || steps == 0 || a.windows == 0 {
         bail!("--batch, --steps and --windows must be at least 1");
     }
-    let copy = copy_bandwidth(&gpu)?;
+    // 256 MiB copies on a GPU (16 MiB on the emulated device).
+    let copy = super::bench_data::device_copy_bandwidth(&gpu, if emulated { 16 << 20 } else { 256 << 20 })?;
 
     // Synthetic images resident on the device, one batch more than a window replays (a window never spans an
     // epoch change, which writes the new plan from the host); eight classes as ISIC.
@@ -176,20 +156,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let mut model = EfficientNet::<f32>::new(cfg.model_config(classes), cfg.seed);
     model.freeze_blocks(a.stage)?;
     let adamw = AdamW::new(cfg.adamw())?;
-    let state = TrainState {
-        epoch: 0,
-        progress: EpochProgress::default(),
-        adam_steps: Default::default(),
-        plateau: ReduceLrOnPlateau::new(cfg.plateau, &[cfg.lr])?,
-        early: EarlyStopping::new(cfg.early_stopping)?,
-        scaler: match a.precision {
-            Precision::F16 => GradScaler::new(cfg.loss_scale)?,
-            Precision::F32 => GradScaler::disabled(),
-        },
-        history: History::new(),
-        best_val_acc: None,
-        class_weights: vec![1.0; classes],
-    };
+    let state = TrainState::fresh(&cfg, vec![1.0; classes], false)?;
     let alpha = vec![1.0; classes];
     let kind = derma::ops::loss::LossKind::Focal { gamma: cfg.focal_gamma };
     let engine = DeviceEngine::new(

@@ -62,6 +62,28 @@ pub struct TrainState {
     pub class_weights: Vec<f32>,
 }
 
+impl TrainState {
+    /// The state of a run that has not started: `cfg`'s schedules, and a loss scaler that scales as the seed's
+    /// GradScaler does for mixed precision (f16), or also in f32 when `scale_loss_in_f32`; f32 needs no scaling.
+    pub fn fresh(cfg: &TrainConfig, class_weights: Vec<f32>, scale_loss_in_f32: bool) -> Result<Self> {
+        use super::config::Precision;
+        Ok(TrainState {
+            epoch: 0,
+            progress: EpochProgress::default(),
+            adam_steps: Default::default(),
+            plateau: ReduceLrOnPlateau::new(cfg.plateau, &[cfg.lr])?,
+            early: EarlyStopping::new(cfg.early_stopping)?,
+            scaler: match (cfg.precision, scale_loss_in_f32) {
+                (Precision::F16, _) | (Precision::F32, true) => GradScaler::new(cfg.loss_scale)?,
+                (Precision::F32, false) => GradScaler::disabled(),
+            },
+            history: History::new(),
+            best_val_acc: None,
+            class_weights,
+        })
+    }
+}
+
 /// A checkpoint as loaded.
 pub struct Loaded {
     pub model: EfficientNet<f32>,

@@ -266,6 +266,16 @@ fn f16_batch(p: Precision) -> bool {
     p == Precision::F16
 }
 
+/// Issues the augmentation of the batch the device step counter in `values` names, in the batch element type.
+fn augment_at_device_step(loader: &DeviceLoader, gpu: &Gpu, values: &Block, f16: bool) -> Result<()> {
+    let step = DevSlice::of(values);
+    if f16 {
+        loader.batch_at_device_step::<half::f16>(gpu, step)
+    } else {
+        loader.batch_at_device_step::<f32>(gpu, step)
+    }
+}
+
 impl DeviceEngine {
     /// Lays out the device state for `model`, `adamw` and `state` (a fresh run or a resumed one) and uploads the
     /// training split for on-device augmentation.
@@ -370,6 +380,25 @@ impl DeviceEngine {
     fn record_stage(&mut self, model: &mut EfficientNet<f32>, frozen: usize) -> Result<StageProgram> {
         let (b, s) = (self.batch, self.cfg.image_size);
         let mut cu = Cuda::with_state(self.state.clone(), &model.params, true, false)?;
+        // The optimizer's tables over the trainable range (known once the program's gradient slots are).
+        let (grads, range) = cu.grad_range_view().context("the stage has no trainable parameters")?;
+        let n = range.1 - range.0;
+        let first = (0..model.params.len()).find(|&id| cu.has_slot(id)).context("no trainable parameter")?;
+        let mut regions = Vec::new();
+        for id in first..model.params.len() {
+            ensure!(
+                cu.has_slot(id),
+                "parameter {} is frozen after a trainable one: the device optimizer needs the trainable parameters \
+                 to be a suffix of the parameter order",
+                model.params.get(id).name
+            );
+            let (off, len) = self.state.region(id)?;
+            let group = usize::from(!model.params.get(id).name.starts_with("classifier."));
+            regions.push((off - range.0, len, group));
+        }
+        let (entries, chunks) = adam_tables(&regions, n)?;
+        let entries_block = self.gpu.upload(bytemuck_entries(&entries))?;
+        let chunks_block = self.gpu.upload(&chunks)?;
         let views = |cu: &mut Cuda, st: &StepState, scaler: bool| -> StageViews {
             let batch_bytes = b * s * s * 3 * cu.dtype().size();
             StageViews {
@@ -384,11 +413,11 @@ impl DeviceEngine {
                 steps: cu.external("adamw steps", st.steps.len_bytes()),
                 coeffs: cu.external("adamw coefficients", st.coeffs.len_bytes()),
                 lrs: cu.external("learning rates", st.lrs.len_bytes()),
-                entries: View { buf: crate::cuda::program::BufId(0), offset: 0, bytes: 0 },
-                chunks: View { buf: crate::cuda::program::BufId(0), offset: 0, bytes: 0 },
+                entries: cu.external("adamw entries", entries_block.len_bytes()),
+                chunks: cu.external("adamw chunk table", chunks_block.len_bytes()),
             }
         };
-        let mut v = views(&mut cu, &self.st, self.scaler_cfg.is_some());
+        let v = views(&mut cu, &self.st, self.scaler_cfg.is_some());
         cu.use_mask_keys(v.keys, MASK_LAYERS);
         cu.use_device_targets(v.labels);
         if let Some(sc) = v.scaler {
@@ -444,27 +473,6 @@ impl DeviceEngine {
         let backward_end = cu.program().steps().len();
         let bn_updates = cu.bn_updates().to_vec();
 
-        // The optimizer over the trainable range.
-        let (grads, range) = cu.grad_range_view().context("the stage has no trainable parameters")?;
-        let n = range.1 - range.0;
-        let first = (0..model.params.len()).find(|&id| cu.has_slot(id)).context("no trainable parameter")?;
-        let mut regions = Vec::new();
-        for id in first..model.params.len() {
-            ensure!(
-                cu.has_slot(id),
-                "parameter {} is frozen after a trainable one: the device optimizer needs the trainable parameters \
-                 to be a suffix of the parameter order",
-                model.params.get(id).name
-            );
-            let (off, len) = self.state.region(id)?;
-            let group = usize::from(!model.params.get(id).name.starts_with("classifier."));
-            regions.push((off - range.0, len, group));
-        }
-        let (entries, chunks) = adam_tables(&regions, n)?;
-        let entries_block = self.gpu.upload(bytemuck_entries(&entries))?;
-        let chunks_block = self.gpu.upload(&chunks)?;
-        v.entries = cu.external("adamw entries", entries_block.len_bytes());
-        v.chunks = cu.external("adamw chunk table", chunks_block.len_bytes());
         let masters = cu.masters_view(range);
         let halves = cu.halves_view(range);
         let sub = |w: View| View { buf: w.buf, offset: range.0 * 4, bytes: n * 4 };
@@ -583,11 +591,9 @@ impl DeviceEngine {
     /// Makes the batch of the current device step (resident data: from the device counter; streamed: the host
     /// copies batch `step`'s images first).
     fn issue_batch(&mut self, step: usize) -> Result<()> {
-        let resident = self.loader.is_resident();
         let f16 = f16_batch(self.precision);
-        match (resident, f16) {
-            (true, true) => self.loader.batch_at_device_step::<half::f16>(&self.gpu, DevSlice::of(&self.st.values)),
-            (true, false) => self.loader.batch_at_device_step::<f32>(&self.gpu, DevSlice::of(&self.st.values)),
+        match (self.loader.is_resident(), f16) {
+            (true, _) => augment_at_device_step(&self.loader, &self.gpu, &self.st.values, f16),
             (false, true) => self.loader.batch::<half::f16>(&self.gpu, step).map(|_| ()),
             (false, false) => self.loader.batch::<f32>(&self.gpu, step).map(|_| ()),
         }
@@ -605,12 +611,7 @@ impl DeviceEngine {
                 let bindings = Self::bindings(st, loader, views, (entries, chunks));
                 let f16 = f16_batch(self.precision);
                 gpu.capture(|| {
-                    let vals = DevSlice::of(&st.values);
-                    if f16 {
-                        loader.batch_at_device_step::<half::f16>(&gpu, vals)?;
-                    } else {
-                        loader.batch_at_device_step::<f32>(&gpu, vals)?;
-                    }
+                    augment_at_device_step(loader, &gpu, &st.values, f16)?;
                     cuda.run_bound(false, &bindings)
                 })
                 .context("capturing the training step as a CUDA graph")?
@@ -627,13 +628,9 @@ impl DeviceEngine {
                 p.cuda.poison_arena()?;
             }
             if let Some(g) = &p.graph {
-                let count = |gpu: &Gpu| {
-                    let a = gpu.alloc.stats();
-                    a.raw_allocs + a.reuses
-                };
-                let before = count(&self.gpu);
+                let before = self.gpu.allocations();
                 g.replay(&self.gpu)?;
-                self.stats.allocations_during_replays += count(&self.gpu) - before;
+                self.stats.allocations_during_replays += self.gpu.allocations() - before;
                 self.stats.replays += 1;
             }
         } else {

@@ -18,13 +18,10 @@ use super::adamw::AdamW;
 use super::checkpoint::{self, EpochProgress, TrainState};
 use super::config::{BnFrozenMode, ClassWeighting, LossKind as CfgLoss, Precision, TrainConfig};
 use super::device::{DeviceEngine, StepMode};
-use super::early_stop::EarlyStopping;
-use super::history::{EpochRecord, History};
+use super::history::EpochRecord;
 use super::metrics::{Report, compute_report};
-use super::plateau::ReduceLrOnPlateau;
 use super::plots;
 use super::run_dir::{self, RunSource};
-use super::scaler::GradScaler;
 use crate::autograd::Tape;
 use crate::cuda;
 use crate::data::loader::{Loader, LoaderConfig};
@@ -485,21 +482,7 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
                  ImageNet weights; pass --pretrained imagenet to fetch them)"
             ),
         }
-        let state = TrainState {
-            epoch: 0,
-            progress: EpochProgress::default(),
-            adam_steps: Default::default(),
-            plateau: ReduceLrOnPlateau::new(cfg.plateau, &[cfg.lr])?,
-            early: EarlyStopping::new(cfg.early_stopping)?,
-            // Mixed precision scales the loss as the seed's GradScaler does; f32 needs no scaling.
-            scaler: match (cfg.precision, run.scale_loss_in_f32) {
-                (Precision::F16, _) | (Precision::F32, true) => GradScaler::new(cfg.loss_scale)?,
-                (Precision::F32, false) => GradScaler::disabled(),
-            },
-            history: History::new(),
-            best_val_acc: None,
-            class_weights: class_weights(cfg, &prepared)?,
-        };
+        let state = TrainState::fresh(cfg, class_weights(cfg, &prepared)?, run.scale_loss_in_f32)?;
         (model, state)
     };
     cfg.save(&run.out.join("config.toml"))?;
