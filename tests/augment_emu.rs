@@ -11,6 +11,7 @@ use derma::data::augment::cuda::{AugShape, AugmentBatch, augment, partials_bytes
 use derma::data::augment::{self, AugConfig, AugParams};
 use derma::data::device::{DeviceDataset, DeviceLoader, EpochPlan, Residency, UploadOptions};
 use derma::data::loader::{Batch, Loader, LoaderConfig, VecSource};
+use derma::ops::dropout::cuda::StepValues;
 use derma::tools::check::{Family, check_family, device_for_check, render_table};
 use half::f16;
 
@@ -227,6 +228,70 @@ fn too_small_a_device_streams_the_same_batches() {
     // The same dataset fits a larger one.
     let big = Gpu::emulated_with_memory(Some(1 << 20)).unwrap();
     device_batches_equal_cpu(&big, "emu (1 MiB)", seed, true);
+}
+
+/// A streamed dataset's batches through the double buffer in any order (slots refilled, prefetches discarded),
+/// and from a device step counter inside a captured graph replayed step after step, as the GPU trainer runs them:
+/// every batch equals the CPU loader's. The emulated copy engine copies late (at the wait), so a step that does
+/// not wait for its batch's copy reads the slot's previous batch and fails here (tried: dropping the wait in
+/// `prepare_step` fails this test and the one above).
+#[test]
+fn streamed_batches_in_any_order_and_from_a_replayed_step_counter() {
+    let seed = fresh_seed();
+    println!("seed {seed}");
+    let gpu = Gpu::emulated_with_memory(Some(16 * 1024)).unwrap();
+    gpu.set_schedule(Schedule::Random, seed).unwrap();
+    let src = source(40, 12, seed);
+    let loader = train_loader(src.clone(), 3, 9, seed);
+    let quiet = UploadOptions { quiet: true, ..UploadOptions::default() };
+    let data = DeviceDataset::upload(&gpu, src.clone(), &quiet).unwrap();
+    assert!(matches!(data.residency(), Residency::Streaming { .. }));
+    let mut dl = DeviceLoader::new::<f32>(&gpu, loader.clone(), data).unwrap();
+    let check = |gpu: &Gpu, out: &derma::cuda::alloc::Block, labels: &derma::cuda::alloc::Block, want: &Batch, what| {
+        assert_eq!(gpu.download::<f32>(out, want.images.len()).unwrap(), want.images, "{what}");
+        let want_labels: Vec<i32> = want.labels.iter().map(|&l| l as i32).collect();
+        assert_eq!(gpu.download::<i32>(labels, 3).unwrap(), want_labels, "labels of {what}");
+    };
+
+    // Host-indexed batches, out of order: repeats, same-parity neighbours, a jump back to the start.
+    dl.begin_epoch(&gpu, 4).unwrap();
+    let cpu4: Vec<Batch> = loader.epoch(4).map(Result::unwrap).collect();
+    let mut rng = derma::data::split_mix(seed);
+    let mut order = vec![5usize, 2, 3, 3, 12, 0, 1, 7, 9, 11];
+    for _ in 0..10 {
+        rng = derma::data::split_mix(rng);
+        order.push((rng % 13) as usize);
+    }
+    for &k in &order {
+        let (out, labels) = dl.batch::<f32>(&gpu, k).unwrap();
+        check(&gpu, out, labels, &cpu4[k], format!("epoch 4 batch {k} (order {order:?})"));
+    }
+
+    // A captured step: the batch from the step values' counter, then the counter's advance; replayed over two
+    // epochs, one of them resumed mid-way, each replay between prepare_step and step_issued.
+    let values = gpu.zeros(size_of::<StepValues>()).unwrap();
+    let step_graph = |dl: &DeviceLoader| {
+        gpu.capture(|| {
+            dl.batch_at_device_step::<f32>(&gpu, DevSlice::of(&values))?;
+            gpu.kernels.step_advance(&gpu.stream, DevSlice::of(&values))
+        })
+        .unwrap()
+    };
+    for (epoch, first) in [(6u64, 0usize), (7, 5)] {
+        dl.begin_epoch(&gpu, epoch).unwrap();
+        let sv = StepValues { step: first as i64, seed, epoch, pad_: 0 };
+        gpu.write(&values, 0, bytemuck::bytes_of(&sv)).unwrap();
+        let graph = step_graph(&dl);
+        let cpu: Vec<Batch> = loader.epoch(epoch).map(Result::unwrap).collect();
+        for (k, want) in cpu.iter().enumerate().skip(first) {
+            dl.prepare_step(&gpu, k).unwrap();
+            graph.replay(&gpu).unwrap();
+            dl.step_issued(&gpu, k).unwrap();
+            let (out, labels) = dl.outputs();
+            check(&gpu, out, labels, want, format!("replayed epoch {epoch} batch {k}"));
+        }
+    }
+    assert!(dl.prepare_step(&gpu, 13).is_err(), "a step past the epoch");
 }
 
 #[test]

@@ -114,6 +114,9 @@ fn train_and_bench_train_run_on_the_emulated_device() {
         "64",
         "--workers",
         "1",
+        // The batches streamed from the host through the double buffer (f16 here; resident f16 and streamed f32
+        // are in tests/train_device.rs).
+        "--stream-data",
         "--quiet",
     ];
     let run = derma(&args);
@@ -174,7 +177,7 @@ fn train_and_bench_train_run_on_the_emulated_device() {
         derma(&["bench", "train", "--device", "emu", "--batch", "2", "--size", "64", "--steps", "1", "--windows", "2"]);
     let text = String::from_utf8_lossy(&bench.stdout);
     assert!(bench.status.success(), "derma bench train failed: {}", String::from_utf8_lossy(&bench.stderr));
-    for want in ["images/s", "floor:", "phases of one synchronised eager step", "peak device memory"] {
+    for want in ["images/s", "floor:", "phases of one synchronised eager step", "peak device memory", "data resident"] {
         assert!(text.contains(want), "derma bench train printed no {want:?}:\n{text}");
     }
     let json = derma(&[
@@ -190,6 +193,7 @@ fn train_and_bench_train_run_on_the_emulated_device() {
         "1",
         "--windows",
         "1",
+        "--stream-data",
         "--json",
     ]);
     assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
@@ -197,6 +201,7 @@ fn train_and_bench_train_run_on_the_emulated_device() {
     for k in ["images_per_s", "ms_per_step", "floor_images_per_s", "peak_device_bytes", "bytes_per_step"] {
         assert!(j[k].as_f64().is_some_and(|v| v > 0.0), "bench train JSON has no positive {k}: {j}");
     }
+    assert_eq!(j["streamed_data"], true, "bench train --stream-data streams: {j}");
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -207,4 +212,33 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out.sort();
     out
+}
+
+/// `derma bench data` on the emulated device: the kernel's rate and the training loader's, resident and streamed,
+/// all measured and positive; the CPU is refused with the devices it takes.
+#[test]
+fn bench_data_reports_the_kernel_and_the_loader_resident_and_streamed() {
+    let args = ["bench", "data", "--device", "emu", "--batch", "3", "--size", "40", "--out", "24", "--steps", "2"];
+    let text = derma(&args);
+    let out = String::from_utf8_lossy(&text.stdout);
+    assert!(text.status.success(), "derma bench data failed: {}", String::from_utf8_lossy(&text.stderr));
+    for want in ["images/s", "bytes per image", "training loader, 2 batches: resident", "streamed from the host"] {
+        assert!(out.contains(want), "derma bench data printed no {want:?}:\n{out}");
+    }
+    let mut json_args = args.to_vec();
+    json_args.extend(["--dtype", "f32", "--json"]);
+    let json = derma(&json_args);
+    assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!((j["batch"].as_u64(), j["size"].as_u64(), j["out"].as_u64()), (Some(3), Some(40), Some(24)), "{j}");
+    // u8 source + f32 output + the parameters of one image.
+    let params = j["bytes_per_image"].as_u64().unwrap() - 40 * 40 * 3 - 24 * 24 * 3 * 4;
+    assert!((16..=256).contains(&params), "bytes per image {j}");
+    for k in ["images_per_s", "loader_resident_images_per_s", "loader_streamed_images_per_s", "streamed_over_resident"]
+    {
+        assert!(j[k].as_f64().is_some_and(|v| v.is_finite() && v > 0.0), "bench data JSON has no positive {k}: {j}");
+    }
+    let cpu = derma(&["bench", "data", "--device", "cpu"]);
+    let err = String::from_utf8_lossy(&cpu.stderr);
+    assert!(!cpu.status.success() && err.contains("--device cuda"), "{err}");
 }

@@ -232,12 +232,32 @@ fn device_trainer_matches_the_cpu_trainer_eagerly_and_by_replay() {
     assert_eq!((stats.eager_steps, stats.captures, stats.replays), (2, 2, steps - 2), "{stats:?}");
     assert_eq!(stats.allocations_during_replays, 0, "a replay allocated");
 
+    // The dataset kept on the host: every batch streamed through the double buffer, the captured step reading
+    // its slot; the same run bit for bit.
+    let streamed = train(TrainRun {
+        poison_replays: true,
+        stream_data: true,
+        ..run_of(config(DeviceRequest::Emu, Precision::F32, BnFrozenMode::FrozenEval), &d, &dir("streamed"))
+    });
+    let stats = streamed.device.expect("device stats");
+    assert_eq!((stats.eager_steps, stats.captures, stats.replays), (2, 2, steps - 2), "streamed: {stats:?}");
+    assert_eq!(stats.allocations_during_replays, 0, "a streamed replay allocated");
+
     let (tc, te, tr) = (tensors(&dir("cpu")), tensors(&dir("eager")), tensors(&dir("replay")));
     assert_trainer_close(&te, &tc, TOL_F32, MOMENTS_F32, "device (eager) vs CPU");
     assert_bitwise(&tr, &te, "replayed vs eager");
+    assert_bitwise(&tensors(&dir("streamed")), &te, "streamed and replayed vs eager");
     let (se, sr) = (state(&dir("eager")), state(&dir("replay")));
     assert_same_state(&se, &cpu_state, TOL_F32, "device vs CPU");
     assert_same_state(&sr, &se, 0.0, "replayed vs eager");
+    assert_same_state(&state(&dir("streamed")), &se, 0.0, "streamed vs eager");
+
+    let on_cpu = trainer::run(&TrainRun {
+        stream_data: true,
+        ..run_of(config(DeviceRequest::Cpu, Precision::F32, BnFrozenMode::FrozenEval), &d, &dir("cpu-streamed"))
+    });
+    let e = format!("{:#}", on_cpu.expect_err("--stream-data on the CPU must be refused"));
+    assert!(e.contains("--stream-data") && e.contains("--device"), "{e}");
 }
 
 #[test]

@@ -1,13 +1,18 @@
 //! `derma bench data`: throughput of the fused augmentation kernel on a device, with the bytes it moves per image
-//! set against the device's measured copy bandwidth.
+//! set against the device's measured copy bandwidth; then the training loader's batches side by side, from a
+//! resident dataset and streamed from the host through the double buffer, so the cost of streaming is one ratio
+//! measured in one run.
 
 use anyhow::{Result, bail};
 use clap::Args;
-use derma::cuda::kernels::{DevSlice, Elem};
+use derma::cuda::kernels::DevSlice;
 use derma::cuda::{DeviceRequest, Gpu, Selected, parse_device, select};
 use derma::data::augment::cuda::{AugShape, AugmentBatch, augment, partials_bytes};
 use derma::data::augment::{self, AugConfig, AugParams};
+use derma::data::device::{BatchElem, DeviceDataset, DeviceLoader, UploadOptions};
+use derma::data::loader::{ImageSource, Loader, LoaderConfig};
 use serde::Serialize;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// ISIC 2019's training images, for the per-epoch estimate.
@@ -66,7 +71,68 @@ struct DataReport {
     upload_gb_per_s: f64,
     device_copy_gb_per_s: f64,
     fraction_of_copy_bandwidth: f64,
+    /// The training loader's batches (plan, kernel, labels) with the dataset resident on the device.
+    loader_resident_images_per_s: f64,
+    /// The same batches streamed from host memory: gathered on the host, copied through page-locked memory on the
+    /// copy stream while the previous batch is made.
+    loader_streamed_images_per_s: f64,
+    /// Streamed over resident throughput (1: streaming costs nothing).
+    streamed_over_resident: f64,
     note: &'static str,
+}
+
+/// `items` images drawn from a few distinct ones (`i mod distinct`), so a long epoch needs little host memory; the
+/// gather still copies every byte.
+struct RepeatingSource {
+    side: usize,
+    distinct: Vec<u8>,
+    count: usize,
+    items: usize,
+}
+
+impl ImageSource for RepeatingSource {
+    fn size(&self) -> usize {
+        self.side
+    }
+    fn len(&self) -> usize {
+        self.items
+    }
+    fn image(&self, i: usize) -> &[u8] {
+        let per = self.side * self.side * 3;
+        let k = i % self.count;
+        &self.distinct[k * per..(k + 1) * per]
+    }
+    fn label(&self, i: usize) -> usize {
+        i % 8
+    }
+}
+
+/// Images per second of `steps` consecutive training batches (after one warm-up batch) of a device loader over
+/// `src`, its dataset resident or kept on the host.
+fn loader_images_per_s<T: BatchElem>(
+    gpu: &Gpu,
+    src: &Arc<RepeatingSource>,
+    batch: usize,
+    out: u32,
+    steps: usize,
+    on_host: bool,
+) -> Result<f64> {
+    let loader = Loader::new(src.clone(), (0..src.items).collect(), LoaderConfig::train(batch, out, 1))?;
+    let opts = UploadOptions { quiet: true, keep_on_host: on_host, ..UploadOptions::default() };
+    let data = DeviceDataset::upload(gpu, src.clone(), &opts)?;
+    if !on_host && !matches!(data.residency(), derma::data::device::Residency::Resident) {
+        bail!("the benchmark's {} images did not fit the device; lower --batch or --steps", src.items);
+    }
+    let mut dl = DeviceLoader::new::<T>(gpu, loader, data)?;
+    dl.begin_epoch(gpu, 0)?;
+    dl.batch::<T>(gpu, 0)?;
+    gpu.sync()?;
+    let t = Instant::now();
+    for k in 1..=steps {
+        dl.batch::<T>(gpu, k)?;
+    }
+    gpu.sync()?;
+    Ok((steps * batch) as f64 / t.elapsed().as_secs_f64())
 }
 
 fn gbps(bytes: usize, secs: f64) -> f64 {
@@ -117,7 +183,7 @@ pub fn run(a: DataArgs) -> Result<()> {
     }
 }
 
-fn bench<T: Elem>(gpu: &Gpu, a: &DataArgs, batch: usize, steps: usize) -> Result<()> {
+fn bench<T: BatchElem>(gpu: &Gpu, a: &DataArgs, batch: usize, steps: usize) -> Result<()> {
     let emulated = gpu.is_emulated();
     let (side, os) = (a.size as usize, a.out as usize);
     let per_in = side * side * 3;
@@ -172,6 +238,10 @@ fn bench<T: Elem>(gpu: &Gpu, a: &DataArgs, batch: usize, steps: usize) -> Result
     // Compulsory traffic per image: the u8 source read once, the output written once, its parameters.
     let bytes_per_image = per_in + per_out + size_of::<AugParams>();
     let kernel_gbps = bytes_per_image as f64 * images_per_s / 1e9;
+    // The loader over an epoch of steps + 1 batches drawn from the same distinct images.
+    let src = Arc::new(RepeatingSource { side, distinct: images.clone(), count: slots, items: (steps + 1) * batch });
+    let resident = loader_images_per_s::<T>(gpu, &src, batch, a.out, steps, false)?;
+    let streamed = loader_images_per_s::<T>(gpu, &src, batch, a.out, steps, true)?;
     let report = DataReport {
         device: gpu.info.name.clone(),
         emulated,
@@ -189,11 +259,16 @@ fn bench<T: Elem>(gpu: &Gpu, a: &DataArgs, batch: usize, steps: usize) -> Result
         upload_gb_per_s: gbps(images.len(), upload),
         device_copy_gb_per_s: copy_gbps,
         fraction_of_copy_bandwidth: kernel_gbps / copy_gbps,
+        loader_resident_images_per_s: resident,
+        loader_streamed_images_per_s: streamed,
+        streamed_over_resident: streamed / resident,
         note: if emulated {
             "emulated device: the kernel ran on the CPU through the emulator; these numbers only show that the \
              command and the kernel run, not GPU throughput"
         } else {
-            "median over the timed batches, each synchronised; bandwidths are best of 3 (pageable host memory)"
+            "median over the timed batches, each synchronised; bandwidths are best of 3 (pageable host memory); the \
+             loader rates are over consecutive batches with no sync between them, the host gathering from a few \
+             distinct images repeated (hot memory: an optimistic stand-in for a page-cached decode cache)"
         },
     };
     if a.json {
@@ -218,6 +293,10 @@ fn bench<T: Elem>(gpu: &Gpu, a: &DataArgs, batch: usize, steps: usize) -> Result
     println!(
         "  device copy {:.1} GB/s (read + write), host->device upload {:.1} GB/s",
         r.device_copy_gb_per_s, r.upload_gb_per_s
+    );
+    println!(
+        "  training loader, {} batches: resident {:.0} images/s, streamed from the host {:.0} images/s ({:.2}x)",
+        r.steps, r.loader_resident_images_per_s, r.loader_streamed_images_per_s, r.streamed_over_resident
     );
     if emulated {
         println!("  note: {}", r.note);

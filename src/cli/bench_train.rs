@@ -10,7 +10,7 @@ use derma::nn::EfficientNet;
 use derma::train::adamw::AdamW;
 use derma::train::checkpoint::TrainState;
 use derma::train::config::{Precision, TrainConfig};
-use derma::train::device::{DeviceEngine, StepMode};
+use derma::train::device::{DeviceEngine, DeviceOptions};
 use derma::train::trainer::{Engine, StepCtx};
 use derma::train::unfreeze::{Stage, UnfreezeSchedule};
 use serde::Serialize;
@@ -41,6 +41,10 @@ pub struct TrainArgs {
     /// 9: the head only), as in `derma plan`.
     #[arg(long, default_value_t = 0)]
     stage: usize,
+    /// Keep the synthetic dataset on the host and stream every batch to the device (double-buffered), as a
+    /// dataset too large for the device is: measures what streaming costs.
+    #[arg(long)]
+    stream_data: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -62,6 +66,8 @@ struct TrainReport {
     size: usize,
     precision: Precision,
     frozen_blocks: usize,
+    /// Whether the batches were streamed from the host (`--stream-data`) rather than made from resident data.
+    streamed_data: bool,
     steps_per_window: usize,
     windows_ms_per_step: Vec<f64>,
     ms_per_step: f64,
@@ -168,9 +174,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         loader,
         alpha,
         kind,
-        StepMode::Graph,
-        true,
-        false,
+        DeviceOptions { quiet: true, stream_data: a.stream_data, ..DeviceOptions::default() },
     )?;
     let ctx =
         StepCtx { epoch: 0, step: 0, first: 0, steps_per_epoch, frozen: a.stage, lr: cfg.lr, backbone_lr: cfg.lr };
@@ -206,6 +210,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         size,
         precision: a.precision,
         frozen_blocks: a.stage,
+        streamed_data: a.stream_data,
         steps_per_window: steps,
         windows_ms_per_step: windows,
         ms_per_step,
@@ -239,8 +244,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "derma training step on {}: batch {}, {}x{}, {:?}, {} frozen blocks; median of {} windows of {} replayed steps",
-        r.device, r.batch, r.size, r.size, r.precision, r.frozen_blocks, a.windows, steps
+        "derma training step on {}: batch {}, {}x{}, {:?}, {} frozen blocks, data {}; median of {} windows of {} \
+         replayed steps",
+        r.device,
+        r.batch,
+        r.size,
+        r.size,
+        r.precision,
+        r.frozen_blocks,
+        if r.streamed_data { "streamed from the host" } else { "resident" },
+        a.windows,
+        steps
     );
     println!(
         "  {:10.1} images/s   {:8.2} ms per step   ({} program steps)",

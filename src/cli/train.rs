@@ -82,6 +82,11 @@ pub struct TrainArgs {
     /// Wait for a signal once this many epochs are complete and saved (for testing a kill at an epoch boundary).
     #[arg(long, hide = true)]
     hold_after_epochs: Option<usize>,
+    /// With --device: keep the decoded dataset on the host and stream each batch to the device (double-buffered)
+    /// even when it would fit there, leaving the memory to the model. A dataset too large for the device is
+    /// streamed without it.
+    #[arg(long)]
+    stream_data: bool,
     /// Logs instead of progress bars.
     #[arg(long)]
     quiet: bool,
@@ -280,6 +285,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         resume: a.resume.is_some(),
         overwrite: a.overwrite,
         quiet: a.quiet,
+        stream_data: a.stream_data,
         stop_after_steps: a.stop_after_steps,
         hold_after_steps: a.hold_after_steps,
         hold_after_epochs: a.hold_after_epochs,

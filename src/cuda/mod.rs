@@ -17,6 +17,7 @@ pub mod emu;
 pub mod graph;
 pub mod kernels;
 pub mod program;
+pub mod upstream;
 
 pub use device::{Gpu, Schedule};
 pub use graph::Graph;

@@ -15,8 +15,9 @@
 //! slots, then unscale + inf check, AdamW's per-parameter coefficients, AdamW over the trainable range (refreshing
 //! the f16 copies), the scaler's update and the step counter's advance. The stage's first step runs eagerly (it
 //! also runs cuDNN's algorithm search and loads every kernel); the next is captured as one graph (the batch's
-//! augmentation included when the dataset is resident on the device) and every later step replays it. The host
-//! writes the step values and learning rates at an epoch's start and reads the sums and the scaler at its end.
+//! augmentation included, reading a resident dataset or the streamed batch's slot of a double buffer) and every
+//! later step replays it. The host writes the step values and learning rates at an epoch's start and reads the
+//! sums and the scaler at its end; with a streamed dataset it also copies each next batch while a step runs.
 //!
 //! The trainable parameters are a suffix of the parameter order, so the gradient, unscale and optimizer work
 //! cover one contiguous element range.
@@ -53,6 +54,26 @@ const MASK_LAYERS: usize = 64;
 pub enum StepMode {
     Eager,
     Graph,
+}
+
+/// How a [`DeviceEngine`] runs.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceOptions {
+    /// Eager steps, or one captured graph per stage.
+    pub step_mode: StepMode,
+    /// No upload progress bar and no notices.
+    pub quiet: bool,
+    /// Fill the step's arena with NaN bytes before every replay (a test hook: see `TrainRun::poison_replays`).
+    pub poison_replays: bool,
+    /// Keep the dataset on the host and stream every batch (double-buffered), even when it would fit the device.
+    pub stream_data: bool,
+}
+
+impl Default for DeviceOptions {
+    /// Captured steps, a progress bar, no test hooks, the dataset resident when it fits.
+    fn default() -> Self {
+        DeviceOptions { step_mode: StepMode::Graph, quiet: false, poison_replays: false, stream_data: false }
+    }
 }
 
 /// The optimizer's and the step's device state (see the module docs).
@@ -227,7 +248,7 @@ impl DeviceEval {
 /// What the device engine did, for tests and benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceStats {
-    /// Steps run eagerly (each stage's first, and every step in eager mode or with streamed data).
+    /// Steps run eagerly (each stage's first, and every step in eager mode).
     pub eager_steps: usize,
     /// Graphs captured (one per stage in graph mode).
     pub captures: usize,
@@ -289,10 +310,9 @@ impl DeviceEngine {
         loader: Loader,
         alpha: Vec<f32>,
         kind: LossKind,
-        step_mode: StepMode,
-        quiet: bool,
-        poison_replays: bool,
+        opts: DeviceOptions,
     ) -> Result<Self> {
+        let DeviceOptions { step_mode, quiet, poison_replays, stream_data } = opts;
         let precision = match cfg.precision {
             CfgPrecision::F32 => Precision::F32,
             CfgPrecision::F16 => Precision::F16,
@@ -314,7 +334,8 @@ impl DeviceEngine {
         };
         let batch = cfg.batch_size;
         let src = loader.source().clone();
-        let data = DeviceDataset::upload(&gpu, src, &UploadOptions { quiet, ..UploadOptions::default() })?;
+        let upload = UploadOptions { quiet, keep_on_host: stream_data, ..UploadOptions::default() };
+        let data = DeviceDataset::upload(&gpu, src, &upload)?;
         let loader = if f16_batch(precision) {
             DeviceLoader::new::<half::f16>(&gpu, loader, data)?
         } else {
@@ -588,19 +609,14 @@ impl DeviceEngine {
         b
     }
 
-    /// Makes the batch of the current device step (resident data: from the device counter; streamed: the host
-    /// copies batch `step`'s images first).
-    fn issue_batch(&mut self, step: usize) -> Result<()> {
-        let f16 = f16_batch(self.precision);
-        match (self.loader.is_resident(), f16) {
-            (true, _) => augment_at_device_step(&self.loader, &self.gpu, &self.st.values, f16),
-            (false, true) => self.loader.batch::<half::f16>(&self.gpu, step).map(|_| ()),
-            (false, false) => self.loader.batch::<f32>(&self.gpu, step).map(|_| ()),
-        }
+    /// Makes the batch of the current device step from the step counter (a streamed batch must be prepared:
+    /// [`DeviceLoader::prepare_step`]).
+    fn issue_batch(&self) -> Result<()> {
+        augment_at_device_step(&self.loader, &self.gpu, &self.st.values, f16_batch(self.precision))
     }
 
     fn run_step(&mut self, step: usize) -> Result<()> {
-        let capture = self.step_mode == StepMode::Graph && self.loader.is_resident();
+        let capture = self.step_mode == StepMode::Graph;
         let prog = self.stage.as_ref().context("no stage program: begin_epoch first")?;
         if capture && prog.steps_run > 0 && prog.graph.is_none() {
             let graph = {
@@ -622,6 +638,9 @@ impl DeviceEngine {
             self.stats.captures += 1;
         }
         let replay = self.stage.as_ref().is_some_and(|p| p.graph.is_some());
+        // A streamed batch is copied (or on its way) before the step that reads it, and the next one is copied
+        // while it runs; nothing to do for resident data.
+        self.loader.prepare_step(&self.gpu, step)?;
         if replay {
             let p = self.stage.as_ref().context("no stage program")?;
             if self.poison_replays {
@@ -635,7 +654,7 @@ impl DeviceEngine {
             }
         } else {
             self.stats.eager_steps += 1;
-            self.issue_batch(step)?;
+            self.issue_batch()?;
             let (st, loader) = (&self.st, &self.loader);
             let prog = self.stage.as_mut().context("no stage program")?;
             let StageProgram { cuda, entries, chunks, views, steps_run, .. } = prog;
@@ -646,6 +665,7 @@ impl DeviceEngine {
                 self.gpu.sync().context("the stage's first (eager) training step")?;
             }
         }
+        self.loader.step_issued(&self.gpu, step)?;
         let p = self.stage.as_mut().context("no stage program")?;
         p.steps_run += 1;
         match self.unsynced_bn_steps.iter_mut().find(|(f, _)| *f == p.frozen) {
@@ -679,7 +699,8 @@ impl DeviceEngine {
         use std::time::Instant;
         self.gpu.sync()?;
         let t0 = Instant::now();
-        self.issue_batch(step)?;
+        self.loader.prepare_step(&self.gpu, step)?;
+        self.issue_batch()?;
         self.gpu.sync()?;
         let data = t0.elapsed().as_secs_f64();
         let gpu = self.gpu.clone();
@@ -702,6 +723,7 @@ impl DeviceEngine {
         marks.push(last.elapsed().as_secs_f64());
         *steps_run += 1;
         self.stats.eager_steps += 1;
+        self.loader.step_issued(&self.gpu, step)?;
         ensure!(marks.len() == 3, "the program's phases were not all seen ({} marks)", marks.len());
         Ok([data, marks[0], marks[1], marks[2]])
     }

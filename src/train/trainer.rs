@@ -17,7 +17,7 @@
 use super::adamw::AdamW;
 use super::checkpoint::{self, EpochProgress, TrainState};
 use super::config::{BnFrozenMode, ClassWeighting, LossKind as CfgLoss, Precision, TrainConfig};
-use super::device::{DeviceEngine, StepMode};
+use super::device::{DeviceEngine, DeviceOptions, StepMode};
 use super::history::EpochRecord;
 use super::metrics::{Report, compute_report};
 use super::plots;
@@ -64,6 +64,9 @@ pub struct TrainRun {
     /// On a device: fill the step's arena with NaN bytes before every graph replay (a test hook: a replay that
     /// reads a buffer it did not write this step fails).
     pub poison_replays: bool,
+    /// On a device: keep the dataset on the host and stream each batch to the device (double-buffered) even when
+    /// it would fit there (`--stream-data`).
+    pub stream_data: bool,
     /// Test hook: after this many optimizer steps in this process, print a line and wait for a signal (to test
     /// SIGTERM mid-epoch on a real process).
     pub hold_after_steps: Option<usize>,
@@ -87,6 +90,7 @@ impl TrainRun {
             eager_steps: false,
             scale_loss_in_f32: false,
             poison_replays: false,
+            stream_data: false,
             hold_after_steps: None,
             hold_after_epochs: None,
         }
@@ -391,6 +395,12 @@ impl Engine for CpuEngine {
 pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
     let cfg = &run.config;
     let place = resolve_device(cfg)?;
+    if run.stream_data && matches!(place, Where::Cpu) {
+        bail!(
+            "--stream-data streams the dataset to a device; the CPU trainer reads it from the host anyway (use it \
+             with --device cuda or emu)"
+        );
+    }
     let last_path = run.out.join("last.safetensors");
     let best_path = run.out.join("best.safetensors");
     // Read the checkpoint first: a resume that cannot be exact fails before any work.
@@ -506,20 +516,13 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
             classes,
         }),
         Where::Device(gpu) => {
-            let mode = if run.eager_steps { StepMode::Eager } else { StepMode::Graph };
-            let e = DeviceEngine::new(
-                gpu,
-                cfg,
-                &model,
-                &adamw,
-                &state,
-                loader,
-                alpha.clone(),
-                kind.clone(),
-                mode,
-                run.quiet,
-                run.poison_replays,
-            )?;
+            let opts = DeviceOptions {
+                step_mode: if run.eager_steps { StepMode::Eager } else { StepMode::Graph },
+                quiet: run.quiet,
+                poison_replays: run.poison_replays,
+                stream_data: run.stream_data,
+            };
+            let e = DeviceEngine::new(gpu, cfg, &model, &adamw, &state, loader, alpha.clone(), kind.clone(), opts)?;
             Box::new(e)
         }
     };
