@@ -186,9 +186,11 @@ fn cuda_restrict_kernels_refuse_in_place_calls() {
         g.kernels.unary::<f32>(&g.stream, Unary::Relu, second, first, 32).unwrap();
         let got = g.download::<f32>(&a, 64).unwrap();
         assert_eq!(got[32..], host[..32].iter().map(|v| v.max(0.0)).collect::<Vec<_>>()[..], "{device}");
-        // unscale is written to run in place (fp32 gradients unscaled where they are).
-        let fi = g.zeros(4).unwrap();
-        g.kernels.unscale::<f32>(&g.stream, whole, whole, 0.5, DevSlice::of(&fi), 64).unwrap();
+        // amp_unscale runs in place by design (the f32 gradients unscaled where they are).
+        use derma::train::adamw::cuda::ScalerState;
+        let cfg = derma::train::scaler::GradScalerConfig { init_scale: 2.0, ..Default::default() };
+        let state = g.upload(&[ScalerState::new(&cfg)]).unwrap();
+        g.kernels.amp_unscale(&g.stream, whole, DevSlice::of(&state), 64).unwrap();
         assert_eq!(g.download::<f32>(&a, 1).unwrap()[0], host[0] * 0.5, "{device}");
     });
 }

@@ -366,10 +366,11 @@ impl Drop for Ring {
 /// Training batches made on the device from a [`DeviceDataset`] and the epoch plans of a training [`Loader`].
 /// Every buffer is allocated once, so the addresses of the plan, the output and the labels never change.
 ///
-/// A streamed dataset's batches pass through a double buffer (see [`Ring`]): each step is bracketed by
-/// [`DeviceLoader::prepare_step`] (its batch is copied, or being copied, and the compute stream waits for it) and
-/// [`DeviceLoader::step_issued`] (the slot is marked as read, and the next batch is gathered and copied while the
-/// step runs). [`DeviceLoader::batch`] does both itself; a captured training step calls them around each replay.
+/// A streamed dataset's batches pass through a double buffer (two device slots, two page-locked host buffers, a
+/// copy stream): each step is bracketed by [`DeviceLoader::prepare_step`] (its batch is copied, or being copied,
+/// and the compute stream waits for it) and [`DeviceLoader::step_issued`] (the slot is marked as read, and the
+/// next batch is gathered and copied while the step runs). [`DeviceLoader::batch`] does both itself; a captured
+/// training step calls them around each replay.
 pub struct DeviceLoader {
     loader: Loader,
     data: DeviceDataset,

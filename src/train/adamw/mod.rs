@@ -23,7 +23,6 @@
 
 pub mod check;
 pub mod cuda;
-pub use cuda::AdamParams;
 
 use std::collections::BTreeMap;
 
