@@ -199,6 +199,17 @@ impl Upstream {
     }
 }
 
+impl Drop for Upstream {
+    /// Waits for the queued copies, so the host buffers they read may be freed after it (declare an `Upstream`
+    /// after the buffers it copies from: locals and fields drop in opposite orders, so a struct waits in its own
+    /// `Drop`).
+    fn drop(&mut self) {
+        if let Err(e) = self.finish() {
+            eprintln!("warning: waiting for the host-to-device copies: {e:#}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

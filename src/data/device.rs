@@ -3,7 +3,8 @@
 //! kernel ([`crate::data::augment::cuda`]) turning a batch of plan positions into the normalized f32 or f16 NHWC batch.
 //!
 //! - **Upload once** ([`DeviceDataset::upload`]): the images `[N, S, S, 3]` u8 and the labels go to the device in
-//!   chunks through a staging buffer (page-locked on a GPU, so each chunk is one DMA), with a progress bar. A
+//!   chunks through two staging buffers (page-locked on a GPU, so each chunk is one DMA; the next chunk is
+//!   gathered while one is copied), with a progress bar. A
 //!   dataset that does not fit the device's free memory (less a reserve for the model, see
 //!   [`UploadOptions::reserve_fraction`]) is not uploaded: batches of u8 are then copied from the host each step
 //!   ([`Residency::Streaming`]), with a notice, never an out-of-memory error. The copies are double-buffered
@@ -222,23 +223,37 @@ impl DeviceDataset {
                 return Ok(DeviceDataset { residency: streaming(why), src, images: None, labels });
             }
         };
+        // Two staging buffers on the copy stream: chunk k + 1 is gathered while chunk k is copied.
         let per_chunk = (opts.chunk_bytes / per_image).max(1);
-        let mut staging = Staging::new(&gpu.stream, per_chunk.min(n) * per_image)?;
+        let staged = per_chunk.min(n) * per_image;
+        let mut staging = [Staging::new(&gpu.stream, staged)?, Staging::new(&gpu.stream, staged)?];
+        let up = Upstream::new(gpu)?;
+        let mut fences: [Option<CopyFence>; 2] = [None, None];
         let pb = progress(needed as u64, opts.quiet);
-        let mut first = 0;
+        let (mut first, mut chunk) = (0, 0);
         while first < n {
             if crate::interrupt::requested() {
                 bail!("interrupted while uploading the dataset ({first} of {n} images copied)");
             }
             let count = per_chunk.min(n - first);
-            let buf = &mut staging.bytes()[..count * per_image];
-            for (k, dst) in buf.chunks_exact_mut(per_image).enumerate() {
-                dst.copy_from_slice(src.image(first + k));
+            let slot = chunk % 2;
+            if let Some(f) = &fences[slot] {
+                up.host_waits(f)?;
             }
-            gpu.write(&images, first * per_image, buf)?;
+            let buf = &mut staging[slot].bytes()[..count * per_image];
+            buf.par_chunks_exact_mut(per_image)
+                .enumerate()
+                .for_each(|(k, dst)| dst.copy_from_slice(src.image(first + k)));
+            // SAFETY: the staging buffer holds count·per_image bytes and is refilled only after a host wait on the
+            // fence recorded below; both buffers outlive the copies: `up`, declared after them, drops first, and
+            // dropping it waits for every copy (on every path out of here, errors included).
+            unsafe { up.copy(&images, first * per_image, staging[slot].as_ptr(), count * per_image) }?;
+            fences[slot] = Some(up.fence()?);
             pb.inc((count * per_image) as u64);
             first += count;
+            chunk += 1;
         }
+        up.finish()?;
         pb.finish_and_clear();
         Ok(DeviceDataset { src, images: Some(images), labels, residency: Residency::Resident })
     }
