@@ -30,8 +30,8 @@ pub struct TrainArgs {
     #[arg(long, requires = "out")]
     overwrite: bool,
     /// Continue the run in this folder from its last checkpoint, with its saved settings, data and cache folder.
-    /// Only --epochs (to extend it), --workers, --device (CPU and GPU agree to about 1e-5 in f32) and --quiet may
-    /// differ from the run's settings.
+    /// Only --epochs (to extend it), --workers, --device (CPU and GPU agree to about 1e-5 in f32), --stream-data
+    /// and --quiet may differ from the run's settings.
     #[arg(long, conflicts_with_all = ["config", "out", "overwrite"])]
     resume: Option<PathBuf>,
     /// Backbone weights: `imagenet` (torchvision's EfficientNet-B0 ImageNet weights, downloaded once into the
@@ -176,7 +176,8 @@ fn resume_setup(a: &TrainArgs, dir: &Path) -> Result<(TrainConfig, PathBuf, Opti
         let flags: Vec<String> = changed.iter().map(|k| flag_of(k)).collect();
         bail!(
             "--resume continues a run exactly as it was started, so it cannot change {} (the run has {key} = {}): \
-             only --epochs, --workers, --device and --quiet may be given with --resume; start a new run to change settings",
+             only --epochs, --workers, --device, --stream-data and --quiet may be given with --resume; start a new run \
+             to change settings",
             flags.join(", "),
             serde_json::to_value(&saved)?.pointer(&format!("/{}", key.replace('.', "/"))).map_or_else(
                 || "nothing".to_string(),
