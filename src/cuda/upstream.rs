@@ -42,9 +42,10 @@ impl EmuCopies {
     fn run_through(&mut self, seq: u64) {
         while self.queue.front().is_some_and(|c| c.seq <= seq) {
             if let Some(c) = self.queue.pop_front() {
-                // SAFETY: `Upstream::copy`'s caller vouched that the host range stays valid until a fence recorded
-                // after the copy is waited for (this is that wait), and the device range was checked against its
-                // block when the copy was queued; emulated device addresses are host allocations.
+                // SAFETY: `Upstream::copy`'s caller vouched that the host range and the destination block stay
+                // valid until a fence recorded after the copy is waited for (this is that wait), and the device
+                // range was checked against its block when the copy was queued; emulated device addresses are host
+                // allocations.
                 unsafe { std::ptr::copy_nonoverlapping(c.src as *const u8, c.dst as *mut u8, c.bytes) };
             }
         }
@@ -83,6 +84,9 @@ impl Upstream {
         let kind = match &gpu.stream {
             Stream::Cuda(compute) => {
                 let copy = compute.context().new_stream().map_err(cuda_err("creating the host-to-device stream"))?;
+                // Blocks the caller hands in may come from the allocator's cache, which is safe to reuse only in
+                // the order of the compute stream: the copies start after the compute work issued so far.
+                copy.join(compute).map_err(cuda_err("ordering the copy stream after the compute stream"))?;
                 Kind::Cuda { copy, compute: compute.clone() }
             }
             Stream::Emulated(_) => Kind::Emulated(Mutex::new(EmuCopies::default())),
@@ -99,7 +103,8 @@ impl Upstream {
     ///
     /// # Safety
     /// `host` points at `bytes` readable bytes that stay valid, and are not written, until a fence recorded after
-    /// this copy has been waited for by the host ([`Upstream::host_waits`]) or the stream is finished.
+    /// this copy has been waited for by the host ([`Upstream::host_waits`]) or the stream is finished; `dst` stays
+    /// allocated (not returned to the allocator) until then too.
     pub unsafe fn copy(&self, dst: &Block, offset: usize, host: *const u8, bytes: usize) -> Result<()> {
         ensure!(
             offset.checked_add(bytes).is_some_and(|e| e <= dst.len_bytes()),

@@ -118,7 +118,13 @@ impl Staging {
             s.context().bind_to_thread().map_err(|e| anyhow::anyhow!("binding the CUDA context: {e:?}"))?;
             // SAFETY: a context is current; cuMemHostAlloc returns `len` page-locked bytes or an error.
             match unsafe { cudarc::driver::result::malloc_host(len.max(1), 0) } {
-                Ok(p) => return Ok(Staging { ptr: p.cast(), len, pinned: true, plain: Vec::new() }),
+                Ok(p) => {
+                    let ptr: *mut u8 = p.cast();
+                    // SAFETY: `ptr` holds len.max(1) writable bytes; cuMemHostAlloc leaves them uninitialised, and
+                    // `bytes` hands them out as a slice, which must hold initialised values.
+                    unsafe { std::ptr::write_bytes(ptr, 0, len.max(1)) };
+                    return Ok(Staging { ptr, len, pinned: true, plain: Vec::new() });
+                }
                 // Page-locked memory is a limited resource; ordinary memory still works, only slower.
                 Err(e) => {
                     eprintln!("note: page-locked staging of {len} bytes failed ({e:?}); copying from pageable memory")
@@ -130,9 +136,9 @@ impl Staging {
 
     fn bytes(&mut self) -> &mut [u8] {
         if self.pinned {
-            // SAFETY: ptr holds len bytes from cuMemHostAlloc, owned by self until drop. Its users write it only
-            // when no copy out of it is in flight (the upload's copies are synchronous; a ring slot's are waited
-            // for before the slot is refilled).
+            // SAFETY: ptr holds len initialised bytes from cuMemHostAlloc (zeroed in `new`), owned by self until
+            // drop. Its users write it only when no copy out of it is in flight: the upload and the ring wait on
+            // the fence after a buffer's last copy before refilling it.
             unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
         } else {
             &mut self.plain
@@ -358,12 +364,25 @@ impl Ring {
         }
         let host = self.staging[slot].as_ptr();
         // SAFETY: the staging buffer holds b·(per_image + 4) bytes and is not written again before a host wait on
-        // the fence recorded below (the top of this function), nor freed before the stream is finished (Drop).
-        unsafe {
-            self.up.copy(&self.images, slot * b * per_image, host, b * per_image)?;
-            self.up.copy(&self.labels, slot * b * 4, host.add(b * per_image), b * 4)?;
+        // the fence recorded below (the top of this function), nor freed before the stream is finished (Drop); the
+        // device slots live as long as the ring.
+        let queued = unsafe {
+            self.up
+                .copy(&self.images, slot * b * per_image, host, b * per_image)
+                .and_then(|()| self.up.copy(&self.labels, slot * b * 4, host.add(b * per_image), b * 4))
+        };
+        match queued.and_then(|()| self.up.fence()) {
+            Ok(fence) => self.copied[slot] = Some(fence),
+            Err(e) => {
+                // A copy may be queued without a fence after it: wait for everything, so a retry cannot refill
+                // the staging buffer under it.
+                self.copied[slot] = None;
+                if let Err(f) = self.up.finish() {
+                    return Err(e.context(format!("and then waiting for the copy stream failed too: {f:#}")));
+                }
+                return Err(e);
+            }
         }
-        self.copied[slot] = Some(self.up.fence()?);
         self.holds[slot] = Some((generation, k));
         Ok(())
     }

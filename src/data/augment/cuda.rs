@@ -4,7 +4,7 @@
 //! The kernel repeats the CPU applier's arithmetic operation for operation, so on any IEEE device (and on the
 //! emulated one) its f32 output equals the CPU's bit for bit and its f16 output is the CPU's value rounded once.
 //! The check still judges with the tolerances (f32: 1e-5 absolute on normalized values; f16: half an f16
-//! ulp of the reference plus that); the bit-for-bit claim is asserted by `tests/augment_emu.rs`.
+//! ulp of the reference plus that); the bit-for-bit claim is asserted by `tests/cuda_data.rs`.
 
 use anyhow::{Context, Result, ensure};
 use cudarc::driver::LaunchConfig;

@@ -1,7 +1,7 @@
 //! The GPU data path on the emulated device (and on the first CUDA GPU when there is one): the fused augmentation
 //! kernel against the CPU applier bit for bit, the epoch plan against the CPU loader, the device loader's batches
-//! against the CPU loader's batches (resident and streamed from the host when the device is too small), and the
-//! `augment` family of `derma check`.
+//! against the CPU loader's batches (resident, streamed from the host when the device is too small, and streamed
+//! through the double buffer from a replayed step counter), and the `augment` family of `derma check`.
 
 use std::sync::Arc;
 
@@ -232,66 +232,90 @@ fn too_small_a_device_streams_the_same_batches() {
 
 /// A streamed dataset's batches through the double buffer in any order (slots refilled, prefetches discarded),
 /// and from a device step counter inside a captured graph replayed step after step, as the GPU trainer runs them:
-/// every batch equals the CPU loader's. The emulated copy engine copies late (at the wait), so a step that does
-/// not wait for its batch's copy reads the slot's previous batch and fails here (tried: dropping the wait in
-/// `prepare_step` fails this test and the one above).
+/// every batch equals the CPU loader's. Nothing waits on the host between steps (each output is copied aside on
+/// the device and all are read at the end), so on a GPU the copies of later batches run while earlier steps still
+/// compute, and a missing ordering between the two streams shows as a wrong batch. On the emulated device the copy
+/// engine copies late (at the wait), so a step that does not wait for its batch's copy reads the slot's previous
+/// batch (tried: dropping the wait in `prepare_step` fails this test and the one above).
 #[test]
 fn streamed_batches_in_any_order_and_from_a_replayed_step_counter() {
-    let seed = fresh_seed();
-    println!("seed {seed}");
-    let gpu = Gpu::emulated_with_memory(Some(16 * 1024)).unwrap();
-    gpu.set_schedule(Schedule::Random, seed).unwrap();
-    let src = source(40, 12, seed);
-    let loader = train_loader(src.clone(), 3, 9, seed);
-    let quiet = UploadOptions { quiet: true, ..UploadOptions::default() };
-    let data = DeviceDataset::upload(&gpu, src.clone(), &quiet).unwrap();
-    assert!(matches!(data.residency(), Residency::Streaming { .. }));
-    let mut dl = DeviceLoader::new::<f32>(&gpu, loader.clone(), data).unwrap();
-    let check = |gpu: &Gpu, out: &derma::cuda::alloc::Block, labels: &derma::cuda::alloc::Block, want: &Batch, what| {
-        assert_eq!(gpu.download::<f32>(out, want.images.len()).unwrap(), want.images, "{what}");
-        let want_labels: Vec<i32> = want.labels.iter().map(|&l| l as i32).collect();
-        assert_eq!(gpu.download::<i32>(labels, 3).unwrap(), want_labels, "labels of {what}");
+    on_every_device("streamed_batches", |gpu, device, seed| {
+        // A GPU gets batches large enough (32 × 224², 4.8 MB a slot) for copies and kernels to overlap.
+        let (n, side, batch, out) = if gpu.is_emulated() { (40, 12, 3, 9) } else { (420, 224, 32, 224) };
+        streamed_case(gpu, device, seed, (n, side, batch, out));
+    });
+}
+
+fn streamed_case(gpu: &Gpu, device: &str, seed: u64, (n, side, batch, out): (usize, usize, usize, u32)) {
+    use derma::cuda::alloc::Block;
+    let src = source(n, side, seed);
+    let loader = train_loader(src.clone(), batch, out, seed);
+    let opts = UploadOptions { quiet: true, keep_on_host: true, ..UploadOptions::default() };
+    let data = DeviceDataset::upload(gpu, src.clone(), &opts).unwrap();
+    assert!(matches!(data.residency(), Residency::Streaming { .. }), "{device}: {:?}", data.residency());
+    let mut dl = DeviceLoader::new::<f32>(gpu, loader.clone(), data).unwrap();
+    let batches = loader.batches_per_epoch();
+    assert!(batches >= 13, "{device}: {batches} batches");
+    let per = batch * (out * out * 3) as usize;
+    // Copies each step's output aside on the compute stream, in step order; nothing syncs until `check_all`.
+    let aside = |gpu: &Gpu, dl: &DeviceLoader| -> (Block, Block) {
+        let (o, l) = dl.outputs();
+        let (ko, kl) = (gpu.alloc.alloc(per * 4).unwrap(), gpu.alloc.alloc(batch * 4).unwrap());
+        gpu.copy(&ko, o, per * 4).unwrap();
+        gpu.copy(&kl, l, batch * 4).unwrap();
+        (ko, kl)
+    };
+    let check_all = |gpu: &Gpu, kept: &[(usize, (Block, Block))], cpu: &[Batch], what: &str| {
+        for (k, (o, l)) in kept {
+            let want = &cpu[*k];
+            let got = gpu.download::<f32>(o, per).unwrap();
+            let bad = got.iter().zip(&want.images).filter(|(g, w)| g.to_bits() != w.to_bits()).count();
+            assert_eq!(bad, 0, "{device}: {what}: batch {k}: {bad} of {per} values differ from the CPU loader");
+            let want_labels: Vec<i32> = want.labels.iter().map(|&l| l as i32).collect();
+            assert_eq!(gpu.download::<i32>(l, batch).unwrap(), want_labels, "{device}: {what}: labels of batch {k}");
+        }
     };
 
     // Host-indexed batches, out of order: repeats, same-parity neighbours, a jump back to the start.
-    dl.begin_epoch(&gpu, 4).unwrap();
+    dl.begin_epoch(gpu, 4).unwrap();
     let cpu4: Vec<Batch> = loader.epoch(4).map(Result::unwrap).collect();
     let mut rng = derma::data::split_mix(seed);
     let mut order = vec![5usize, 2, 3, 3, 12, 0, 1, 7, 9, 11];
     for _ in 0..10 {
         rng = derma::data::split_mix(rng);
-        order.push((rng % 13) as usize);
+        order.push((rng % batches as u64) as usize);
     }
+    let mut kept = Vec::new();
     for &k in &order {
-        let (out, labels) = dl.batch::<f32>(&gpu, k).unwrap();
-        check(&gpu, out, labels, &cpu4[k], format!("epoch 4 batch {k} (order {order:?})"));
+        dl.batch::<f32>(gpu, k).unwrap();
+        kept.push((k, aside(gpu, &dl)));
     }
+    check_all(gpu, &kept, &cpu4, &format!("epoch 4 in the order {order:?}"));
 
     // A captured step: the batch from the step values' counter, then the counter's advance; replayed over two
-    // epochs, one of them resumed mid-way, each replay between prepare_step and step_issued.
+    // epochs, one of them resumed mid-way at an odd step, each replay between prepare_step and step_issued.
     let values = gpu.zeros(size_of::<StepValues>()).unwrap();
-    let step_graph = |dl: &DeviceLoader| {
-        gpu.capture(|| {
-            dl.batch_at_device_step::<f32>(&gpu, DevSlice::of(&values))?;
-            gpu.kernels.step_advance(&gpu.stream, DevSlice::of(&values))
-        })
-        .unwrap()
-    };
     for (epoch, first) in [(6u64, 0usize), (7, 5)] {
-        dl.begin_epoch(&gpu, epoch).unwrap();
+        dl.begin_epoch(gpu, epoch).unwrap();
         let sv = StepValues { step: first as i64, seed, epoch, pad_: 0 };
         gpu.write(&values, 0, bytemuck::bytes_of(&sv)).unwrap();
-        let graph = step_graph(&dl);
+        let graph = gpu
+            .capture(|| {
+                dl.batch_at_device_step::<f32>(gpu, DevSlice::of(&values))?;
+                gpu.kernels.step_advance(&gpu.stream, DevSlice::of(&values))
+            })
+            .unwrap();
         let cpu: Vec<Batch> = loader.epoch(epoch).map(Result::unwrap).collect();
-        for (k, want) in cpu.iter().enumerate().skip(first) {
-            dl.prepare_step(&gpu, k).unwrap();
-            graph.replay(&gpu).unwrap();
-            dl.step_issued(&gpu, k).unwrap();
-            let (out, labels) = dl.outputs();
-            check(&gpu, out, labels, want, format!("replayed epoch {epoch} batch {k}"));
+        let mut kept = Vec::new();
+        for k in first..batches {
+            dl.prepare_step(gpu, k).unwrap();
+            graph.replay(gpu).unwrap();
+            dl.step_issued(gpu, k).unwrap();
+            kept.push((k, aside(gpu, &dl)));
         }
+        check_all(gpu, &kept, &cpu, &format!("replayed epoch {epoch} from step {first}"));
     }
-    assert!(dl.prepare_step(&gpu, 13).is_err(), "a step past the epoch");
+    assert!(dl.prepare_step(gpu, batches).is_err(), "{device}: a step past the epoch");
 }
 
 #[test]
