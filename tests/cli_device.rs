@@ -122,6 +122,8 @@ fn train_and_bench_train_run_on_the_emulated_device() {
     let run = derma(&args);
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "derma train --device emu failed: {err}");
+    // f16, random initialisation, frozen blocks in frozen-eval mode (the defaults): the trainer says what to expect.
+    assert!(err.contains("can pass f16's largest value") && err.contains("--frozen-bn torch"), "no f16 warning: {err}");
     for f in ["last.safetensors", "best.safetensors", "history.json", "config.toml"] {
         assert!(out.join(f).exists(), "no {f} after derma train --device emu:\n{err}");
     }

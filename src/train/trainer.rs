@@ -487,10 +487,24 @@ pub fn run(run: &TrainRun) -> Result<TrainOutcome> {
                 let ckpt = checkpoint::load_weights(p)?;
                 model.load_backbone(&ckpt.state_dict).with_context(|| format!("pretrained weights {}", p.display()))?;
             }
-            None => eprintln!(
-                "warning: no --pretrained weights: the backbone starts from random initialisation (the seed fine-tunes \
-                 ImageNet weights; pass --pretrained imagenet to fetch them)"
-            ),
+            None => {
+                eprintln!(
+                    "warning: no --pretrained weights: the backbone starts from random initialisation (the seed \
+                     fine-tunes ImageNet weights; pass --pretrained imagenet to fetch them)"
+                );
+                let frozen = cfg.unfreeze.stages().iter().any(|s| s.frozen_blocks > 0);
+                if cfg.precision == Precision::F16 && cfg.bn_frozen_mode == BnFrozenMode::FrozenEval && frozen {
+                    // Measured in tests/train_device.rs: the running statistics of a fresh network (mean 0,
+                    // variance 1) do not normalise its activations, which pass f16's range in the frozen blocks.
+                    eprintln!(
+                        "warning: in f16, frozen blocks of a randomly initialised network that normalise with their \
+                         running statistics (--frozen-bn frozen-eval) can pass f16's largest value (65,504): the \
+                         loss scaler then skips steps and lowers the scale, possibly until the gradients underflow \
+                         and the frozen stages barely train; use --pretrained imagenet, --frozen-bn torch or \
+                         --precision f32"
+                    );
+                }
+            }
         }
         let state = TrainState::fresh(cfg, class_weights(cfg, &prepared)?, run.scale_loss_in_f32)?;
         (model, state)
