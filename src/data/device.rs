@@ -478,11 +478,6 @@ impl DeviceLoader {
         &self.data.residency
     }
 
-    /// Whether the images are resident on the device (otherwise each batch is streamed from the host).
-    pub fn is_resident(&self) -> bool {
-        self.data.images.is_some()
-    }
-
     /// The fixed output block (`[B, out, out, 3]`) and labels block (`B` i32) every batch is made into.
     pub fn outputs(&self) -> (&Block, &Block) {
         (&self.out, &self.labels_out)

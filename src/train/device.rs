@@ -848,9 +848,8 @@ impl Engine for DeviceEngine {
         Some(self.stats)
     }
 
-    fn progress_message(&self, state: &TrainState, secs: f64, steps_done: usize) -> String {
+    fn progress_message(&self, _state: &TrainState, secs: f64, steps_done: usize) -> String {
         let seen = self.base.seen + steps_done * self.batch;
-        let _ = state;
         format!("{:.1} img/s (loss and accuracy at the epoch's end)", seen as f64 / secs.max(1e-9))
     }
 

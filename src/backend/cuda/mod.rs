@@ -781,14 +781,7 @@ impl Cuda {
                 self.prog.buffers()[buf.0 as usize].name
             );
         }
-        let st = &self.state;
-        let owned = [
-            Some((self.bufs.masters, &st.masters)),
-            self.bufs.halves.zip(st.halves.as_ref()),
-            self.bufs.grads.zip(st.grads.as_ref()),
-            self.bufs.bn.zip(st.bn_block.as_ref()),
-        ];
-        for (buf, block) in owned.into_iter().flatten() {
+        for (buf, block) in self.owned_blocks() {
             bindings.bind(buf, DevSlice::of(block));
         }
         for o in &self.uploads {
@@ -846,17 +839,22 @@ impl Cuda {
         })
     }
 
-    fn owned(&self, buf: BufId) -> Option<&Block> {
+    /// The program buffers the device state holds (masters, f16 copies, gradients, BN statistics) with their
+    /// blocks.
+    fn owned_blocks(&self) -> impl Iterator<Item = (BufId, &Block)> {
         let st = &self.state;
-        let owned = [
+        [
             Some((self.bufs.masters, &st.masters)),
             self.bufs.halves.zip(st.halves.as_ref()),
             self.bufs.grads.zip(st.grads.as_ref()),
             self.bufs.bn.zip(st.bn_block.as_ref()),
-        ];
-        owned
-            .into_iter()
-            .flatten()
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    fn owned(&self, buf: BufId) -> Option<&Block> {
+        self.owned_blocks()
             .find(|(b, _)| *b == buf)
             .map(|(_, block)| block)
             .or_else(|| self.uploads.iter().find(|o| o.buf == buf).map(|o| &o.block))
